@@ -1,0 +1,84 @@
+"""The learner side: re-scoring rollout transitions and the clipped GRPO surrogate (section 5).
+
+Each row of a Rollout is ONE model forward (start latent, step, prompt) shared by its B branches,
+so E-GRPO's learner pays one forward per (prompt, entry), not one per branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from egrpo_ray.algo.advantages import Advantages
+from egrpo_ray.algo.sampler import Rollout, StepKernel, VelocityFn
+from egrpo_ray.algo.sde import gaussian_log_prob, sde_mean_std
+from egrpo_ray.models.base import Conditioning, index_cond
+
+
+@dataclass
+class RowScores:
+    log_probs: torch.Tensor  # [R, B]
+    mean: torch.Tensor  # [R, *latent]
+    std: torch.Tensor  # [R]
+
+
+def score_rows(fn: VelocityFn, cond: Conditioning, batch: Rollout, kernel: StepKernel) -> RowScores:
+    """Log-probs of every row's next-latents under the current model: one forward per row."""
+    i, l = batch.step_index, batch.step_len
+    s, s_next = kernel.s(i), kernel.s(i + l)
+    v = fn(batch.start_latents, s, index_cond(cond, batch.row_prompt))
+    mean, std = sde_mean_std(batch.start_latents, v, s, s_next, kernel.noise_level(i), kernel.kind)
+    b = batch.next_latents.shape[1]
+    lp = gaussian_log_prob(
+        batch.next_latents.flatten(0, 1), mean.repeat_interleave(b, 0), std.repeat_interleave(b), kernel.reduction
+    )
+    return RowScores(lp.view(-1, b), mean, std)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    ratio_mean: float
+    clip_fraction: float
+    kl: float
+    rows_used: int
+
+
+def grpo_loss(
+    fn: VelocityFn,
+    cond: Conditioning,
+    batch: Rollout,
+    advantages: Advantages,
+    kernel: StepKernel,
+    clip_range: float,
+    old_log_probs: Optional[torch.Tensor] = None,
+    kl_beta: float = 0.0,
+    ref_fn: Optional[VelocityFn] = None,
+) -> LossOutput:
+    """Per row: mean_k max(-A_k r_k, -A_k clip(r_k, 1-eps, 1+eps)); averaged over rows whose group has
+    reward spread. ``advantages`` are indexed by the batch's sample ids. ``old_log_probs`` [R, B]
+    replaces the sampler's (the learner's recompute); ``kl_beta`` > 0 adds Flow-GRPO's KL to ``ref_fn``."""
+    scores = score_rows(fn, cond, batch, kernel)
+    old = batch.old_log_probs if old_log_probs is None else old_log_probs
+    ratio = torch.exp(scores.log_probs - old)
+    adv = advantages.values[batch.row_samples]
+    clipped_ratio = ratio.clamp(1 - clip_range, 1 + clip_range)
+    per_row = torch.maximum(-adv * ratio, -adv * clipped_ratio).mean(1)
+    valid = advantages.valid_group[batch.sample_group[batch.row_samples[:, 0]]].float()
+    rows = valid.sum().clamp_min(1.0)
+    loss = (per_row * valid).sum() / rows
+    kl_value = 0.0
+    if kl_beta > 0:
+        if ref_fn is None:
+            raise ValueError("kl_beta > 0 needs a reference model")
+        with torch.no_grad():
+            ref = score_rows(ref_fn, cond, batch, kernel)
+        kl = ((scores.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * scores.std**2)
+        kl_value = float((kl * valid).sum() / rows)
+        loss = loss + kl_beta * (kl * valid).sum() / rows
+    with torch.no_grad():
+        vmask = valid[:, None].expand_as(ratio).bool()
+        ratio_mean = float(ratio[vmask].mean()) if vmask.any() else 1.0
+        clip_frac = float(((ratio - clipped_ratio).abs() > 0)[vmask].float().mean()) if vmask.any() else 0.0
+    return LossOutput(loss, ratio_mean, clip_frac, kl_value, int(valid.sum()))

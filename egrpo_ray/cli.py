@@ -1,0 +1,55 @@
+"""The one CLI: ``egrpo-ray <command>``. Bad input prints one line and exits with code 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from egrpo_ray.config import ConfigError
+
+# Modules that register a subcommand with ``add_subcommand(subparsers)``; handlers return an exit code.
+COMMAND_MODULES = [
+    "egrpo_ray.cli_plan",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="egrpo-ray", description="E-GRPO for flow-matching text-to-image models, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_subcommand(sub)
+    return parser
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The --config / --set pair every config-driven command takes."""
+    p.add_argument("--config", help="YAML experiment config (default: the embedded tiny default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set algorithm.tau=2.0 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"egrpo-ray: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("egrpo-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""``egrpo-ray plan``: the schedule, each step's entropy, the merge plan and the rollout cost."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from egrpo_ray.algo.entropy import build_plan, paper_forwards, rollout_forwards, step_entropy
+from egrpo_ray.algo.schedule import shifted_sigmas
+from egrpo_ray.config import ConfigError, MergeConfig, SamplingConfig, validate
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="print the noise schedule, step entropies and the E-GRPO merge plan")
+    p.add_argument("--config", help="take the sampling settings from this YAML config (flags override it)")
+    p.add_argument("--steps", type=int, help="denoising steps T (default 16)")
+    p.add_argument("--shift", type=float, help="schedule shift a (default 3)")
+    p.add_argument("--eta", type=float, help="SDE noise level (default 0.7)")
+    p.add_argument("--tau", type=float, help="entropy threshold; 0 = no merging (default 2.2)")
+    p.add_argument("--active-fraction", type=float, help="fraction of the schedule that branches (default 0.5)")
+    p.add_argument("--fixed-merge", type=int, metavar="L", help="merge every low-entropy step by L instead of adaptively")
+    p.add_argument("--max-merge", type=int, help="cap on a merged step's length")
+    p.add_argument("--group-size", type=int, default=12, help="G, for the cost (default 12)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    if args.config:
+        from egrpo_ray.config import load_config
+
+        sampling = load_config(args.config).sampling.model_dump()
+    else:
+        sampling = SamplingConfig().model_dump()
+    merge = sampling["merge"]
+    for key, value in (("steps", args.steps), ("shift", args.shift), ("eta", args.eta)):
+        if value is not None:
+            sampling[key] = value
+    for key, value in (("tau", args.tau), ("active_fraction", args.active_fraction), ("max_merge", args.max_merge)):
+        if value is not None:
+            merge[key] = value
+    if args.fixed_merge is not None:
+        merge.update(mode="fixed", fixed_len=args.fixed_merge)
+    if merge["tau"] == 0:
+        merge["mode"] = "none"
+    cfg = validate({"sampling": sampling}).sampling
+    if cfg.merge.mode == "fixed" and cfg.merge.fixed_len > cfg.steps:
+        raise ConfigError("sampling.merge.fixed_len must not exceed sampling.steps")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.group_size < 1:
+        raise ConfigError("--group-size must be >= 1")
+    cfg = _sampling(args)
+    m: MergeConfig = cfg.merge
+    sigmas = shifted_sigmas(cfg.steps, cfg.shift)
+    plan = build_plan(sigmas, cfg.eta, m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction)
+    entropy = [step_entropy(sigmas, i, 1, cfg.eta) for i in range(cfg.steps)]
+    cost, paper_cost = rollout_forwards(plan, args.group_size), paper_forwards(plan, args.group_size)
+    if args.json:
+        print(json.dumps({
+            "sigmas": [round(float(s), 6) for s in sigmas],
+            "entropy": [round(e, 6) for e in entropy],
+            "plan": [list(e) for e in plan.entries],
+            "forwards_per_prompt": cost,
+            "forwards_per_prompt_paper": paper_cost,
+        }))
+        return 0
+    starts = {i: l for i, l in plan.entries}
+    print(f"steps {cfg.steps}  shift {cfg.shift}  eta {cfg.eta}  merge {m.mode}  tau {m.tau}  "
+          f"active fraction {m.active_fraction}")
+    print(f"{'step':>4} {'sigma':>8} {'E(i,1)':>8}  plan")
+    covered = -1
+    for i in range(cfg.steps):
+        if i in starts:
+            l = starts[i]
+            covered = i + l - 1
+            note = f"SDE {i}->{i + l}" + (f" (merged {l}, E = {step_entropy(sigmas, i, l, cfg.eta):.2f})" if l > 1 else "")
+        else:
+            note = "  (in merged step)" if i <= covered else "ODE"
+        print(f"{i:>4} {float(sigmas[i]):>8.4f} {entropy[i]:>8.3f}  {note}")
+    print(f"plan: {plan}")
+    print(f"rollout cost per prompt, G = {args.group_size}: {cost} image-step forwards "
+          f"(paper's count {paper_cost}: this sampler stops the anchor at the last branch point and reuses its velocity)")
+    return 0

@@ -1,0 +1,22 @@
+"""Policy adapters behind one interface (models/base.py); build_policy picks one from the config."""
+from __future__ import annotations
+
+from egrpo_ray.config import ModelConfig
+from egrpo_ray.models.base import Conditioning, Policy, index_cond
+
+__all__ = ["Conditioning", "Policy", "build_policy", "index_cond"]
+
+
+def build_policy(cfg: ModelConfig) -> Policy:
+    """Load the configured policy (imports lazily: the FLUX and SD3 adapters pull in more of diffusers)."""
+    if cfg.kind == "tiny":
+        from egrpo_ray.models.tiny import load_tiny_policy
+
+        return load_tiny_policy(cfg)
+    if cfg.kind == "flux":
+        from egrpo_ray.models.flux import FluxPolicy
+
+        return FluxPolicy.from_config(cfg)
+    from egrpo_ray.models.sd3 import SD3Policy
+
+    return SD3Policy.from_config(cfg)
