@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_subcommand(sub)
+    importlib.import_module("egrpo_ray.cli_plan").add_config_subcommand(sub)
     return parser
 
 

@@ -83,3 +83,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"rollout cost per prompt, G = {args.group_size}: {cost} image-step forwards "
           f"(paper's count {paper_cost}: this sampler stops the anchor at the last branch point and reuses its velocity)")
     return 0
+
+
+def add_config_subcommand(sub: argparse._SubParsersAction) -> None:
+    from egrpo_ray.cli import add_config_args
+
+    p = sub.add_parser("config", help="validate a config (with overrides) and print the resolved YAML")
+    add_config_args(p)
+    p.set_defaults(func=run_config)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from egrpo_ray.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
