@@ -39,3 +39,18 @@ class ToyPolicy(Policy):
 @pytest.fixture
 def toy_policy():
     return ToyPolicy()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real local Ray cluster per test session: explicit resources, its own short temp dir."""
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    temp_dir = tempfile.mkdtemp(prefix="egrt_", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+             logging_level="WARNING", log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,113 @@
+"""What a run leaves in its output directory: metrics.jsonl, image grids, the reward curve, checkpoints
+(safetensors weights + optimizer state loaded with weights_only), summary.json."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class MetricsWriter:
+    """Appends one JSON object per learner step (resumed runs keep appending)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> Path:
+    """Tile images [B, 3, H, W] in [0, 1] into one PNG (upscaled by ``scale`` for small images)."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = torch.ones(3, rows * (h + 2), cols * (w + 2))
+    for k in range(b):
+        r, c = divmod(k, cols)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[k].float().clamp(0, 1)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def plot_reward_curve(records: list[dict], path: str | Path, heldout: list[tuple[int, float]] | None = None) -> Path:
+    """Training reward (mean +- std) per step, and held-out reward points when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    mean = [r["reward_mean"] for r in records]
+    std = [r.get("reward_std", 0.0) for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, mean, label="training reward (mean)")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    if heldout:
+        ax.plot([s for s, _ in heldout], [v for _, v in heldout], "o-", label="held-out reward (ODE, fixed noise)")
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def save_checkpoint(directory: str | Path, step: int, weights: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    meta: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
+    """checkpoints/step_<N>/: model.safetensors (trainable weights), state.pt (optimizer, RNG: tensors
+    and plain types only, loadable with weights_only=True), meta.json. Written to a temp dir, then renamed."""
+    root = Path(directory) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "extra": dict(extra or {})}, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    root = Path(directory) / "checkpoints"
+    found = sorted(p for p in root.glob("step_*") if (p / "meta.json").exists()) if root.exists() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, state with optimizer/rng/extra, meta). Never unpickles arbitrary objects."""
+    path = Path(path)
+    weights = load_file(str(path / "model.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return weights, state, meta

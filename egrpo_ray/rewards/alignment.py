@@ -1,0 +1,174 @@
+"""A programmatic prompt-alignment reward for the shapes task (egrpo_ray/tasks/shapes.py), in [0, 1].
+
+Deterministic, no downloads, vectorised over the batch. For each image (float [3, H, W] in [0, 1],
+clamped) and its prompt (parsed to colour, shape, position; an unparseable prompt raises ValueError):
+
+1. Target-colour mass. The colour is a corner of the RGB cube (each channel c_k in {0, 1}); a
+   pixel's membership is m = prod_k (x_k if c_k = 1 else 1 - x_k): 1 for the exact colour, 0 for black
+   and for any other of the six colours, and proportional to brightness for a dimmed or anti-aliased
+   pixel of the right hue. All geometry below uses m as a mass distribution; M = sum(m) is the soft
+   area in pixels.
+2. Terms, each in [0, 1], each compared with the same statistic of the ground-truth render of the
+   same prompt at the same resolution (so a ground-truth render scores exactly 1):
+   - colour:   purity M / sum(max_k x_k): the share of everything bright that has the asked colour.
+   - position: exp(-d^2 / (2 * 2^2)), d = distance in px between the mass centroid and the target's.
+   - size:     exp(-log(M / M*)^2 / (2 * 0.25^2)): area within ~25 % (in log) of the target's. This and
+               the next term stop RL from growing or stretching objects (what the probe's reward invited).
+   - aspect:   exp(-(log(sd_y/sd_x) - log(sd_y*/sd_x*))^2 / (2 * 0.2^2)), from the mass's second moments.
+   - shape:    exp(-0.5 * [((fill - fill*) / 0.08)^2 + ((skew - skew*) / 0.3)^2]) with two cues:
+               fill = M / (extent_x * extent_y), the share of the object's bounding box it covers
+               (square 1.0, circle ~0.79, triangle ~0.5; an extent counts the columns / rows holding at
+               least 1 px of mass, fractionally below that), and skew = the vertical skewness of the mass
+               (an upward triangle is bottom-heavy: ~ -0.5; circle and square 0). The two separate
+               triangles from squares and circles, and squares from circles.
+3. reward = presence * prod_t (floor + (1 - floor) * term_t), floor = 0.2, over the five terms, where
+   presence = clamp(M / (0.5 M*), 0, 1) gates images with (almost) none of the asked colour to 0. A
+   wrong colour or an empty image scores 0, a single wrong attribute (shape, position, size...) caps
+   the reward near 0.2, so "reward went up" needs every attribute right at once, yet every term keeps
+   a gradient of partial credit for RL.
+
+``object_stats`` is an independent diagnostic for evaluation (not used by the reward): the count of
+pixels whose brightest channel exceeds 0.5 (area in px) and the height / width of their bounding box.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from egrpo_ray.config import RewardConfig
+from egrpo_ray.rewards.base import Reward
+from egrpo_ray.tasks import shapes
+
+TERMS = ("colour", "position", "shape", "size", "aspect")
+_EPS = 1e-6
+
+
+def _stats(images: torch.Tensor, colours: torch.Tensor, extent_px: float = 1.0) -> dict[str, torch.Tensor]:
+    """Mass statistics of the target colour. images [B,3,H,W], colours [B,3] in {0,1}."""
+    x = images.float().clamp(0, 1)
+    B, _, H, W = x.shape
+    c = colours.float().view(B, 3, 1, 1)
+    m = (c * x + (1 - c) * (1 - x)).prod(dim=1)  # [B,H,W]
+    bright = x.amax(dim=1)
+    mass = m.sum(dim=(1, 2))
+    safe = mass.clamp_min(_EPS)
+    ys = torch.arange(H, dtype=torch.float32, device=x.device).view(1, H, 1) + 0.5
+    xs = torch.arange(W, dtype=torch.float32, device=x.device).view(1, 1, W) + 0.5
+    cy = (m * ys).sum(dim=(1, 2)) / safe
+    cx = (m * xs).sum(dim=(1, 2)) / safe
+    dy = ys - cy.view(B, 1, 1)
+    dx = xs - cx.view(B, 1, 1)
+    var_y = (m * dy**2).sum(dim=(1, 2)) / safe
+    var_x = (m * dx**2).sum(dim=(1, 2)) / safe
+    sd_y, sd_x = var_y.clamp_min(_EPS).sqrt(), var_x.clamp_min(_EPS).sqrt()
+    skew_y = (m * dy**3).sum(dim=(1, 2)) / safe / sd_y**3
+    ext_x = (m.sum(dim=1) / extent_px).clamp(0, 1).sum(dim=1)
+    ext_y = (m.sum(dim=2) / extent_px).clamp(0, 1).sum(dim=1)
+    fill = mass / (ext_x * ext_y).clamp_min(1.0)
+    return {
+        "mass": mass,
+        "bright": bright.sum(dim=(1, 2)),
+        "cx": cx,
+        "cy": cy,
+        "log_aspect": torch.log(sd_y / sd_x),
+        "fill": fill,
+        "skew": skew_y,
+    }
+
+
+def object_stats(images: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Independent diagnostic: area (px with max channel > threshold) and bounding-box height/width.
+
+    Returns float tensors [B]: ``area``, ``height``, ``width``, ``aspect`` (= height / width, NaN for an
+    image with no such pixel).
+    """
+    fg = images.float().amax(dim=1) > threshold  # [B,H,W]
+    B, H, W = fg.shape
+    area = fg.sum(dim=(1, 2)).float()
+    rows, cols = fg.any(dim=2), fg.any(dim=1)
+
+    def extent(a: torch.Tensor) -> torch.Tensor:
+        n = a.shape[1]
+        first = a.float().argmax(dim=1)
+        last = n - 1 - a.flip(1).float().argmax(dim=1)
+        return torch.where(a.any(dim=1), (last - first + 1).float(), torch.zeros(B))
+
+    height, width = extent(rows), extent(cols)
+    aspect = torch.where(width > 0, height / width.clamp_min(1), torch.full((B,), float("nan")))
+    return {"area": area, "height": height, "width": width, "aspect": aspect}
+
+
+class AlignmentReward(Reward):
+    """Prompt alignment for the shapes task; see the module docstring for the exact definition."""
+
+    name = "alignment"
+
+    def __init__(
+        self,
+        floor: float = 0.2,
+        position_px: float = 2.0,
+        size_log_sd: float = 0.25,
+        aspect_log_sd: float = 0.2,
+        fill_sd: float = 0.08,
+        skew_sd: float = 0.3,
+        presence_frac: float = 0.5,
+    ):
+        self.floor = floor
+        self.position_px = position_px
+        self.size_log_sd = size_log_sd
+        self.aspect_log_sd = aspect_log_sd
+        self.fill_sd = fill_sd
+        self.skew_sd = skew_sd
+        self.presence_frac = presence_frac
+        self._targets: dict[int, dict[str, torch.Tensor]] = {}  # resolution -> stats of all 162 GT renders
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig) -> "AlignmentReward":
+        return cls()
+
+    def _target_table(self, size: int) -> dict[str, torch.Tensor]:
+        if size not in self._targets:
+            specs = shapes.all_specs()
+            gt = shapes.render_batch(specs, size)
+            cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])
+            self._targets[size] = _stats(gt, cols)
+        return self._targets[size]
+
+    def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every term [B] (float32, CPU) plus ``presence`` and the combined ``reward``."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        if images.shape[2] != images.shape[3]:
+            raise ValueError("the shapes task renders square images")
+        images = images.detach().float().cpu()
+        specs = [shapes.parse_prompt(p) for p in prompts]
+        idx = torch.tensor([s.index for s in specs], dtype=torch.long)
+        cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])
+        st = _stats(images, cols)
+        tgt = {k: v[idx] for k, v in self._target_table(images.shape[2]).items()}
+        mass = st["mass"]
+        presence = (mass / (self.presence_frac * tgt["mass"])).clamp(0, 1)
+        colour = (mass / st["bright"].clamp_min(_EPS)).clamp(0, 1)
+        d2 = (st["cx"] - tgt["cx"]) ** 2 + (st["cy"] - tgt["cy"]) ** 2
+        position = torch.exp(-d2 / (2 * self.position_px**2))
+        size = torch.exp(-torch.log(mass.clamp_min(_EPS) / tgt["mass"]) ** 2 / (2 * self.size_log_sd**2))
+        aspect = torch.exp(-((st["log_aspect"] - tgt["log_aspect"]) ** 2) / (2 * self.aspect_log_sd**2))
+        shape = torch.exp(
+            -0.5 * (((st["fill"] - tgt["fill"]) / self.fill_sd) ** 2 + ((st["skew"] - tgt["skew"]) / self.skew_sd) ** 2)
+        )
+        out = {"colour": colour, "position": position, "shape": shape, "size": size, "aspect": aspect}
+        # Without mass the geometry is undefined: the presence gate zeroes the reward, report terms as 0.
+        has_mass = mass > _EPS
+        out = {k: torch.where(has_mass, v, torch.zeros_like(v)) for k, v in out.items()}
+        reward = presence.clone()
+        for k in TERMS:
+            reward = reward * (self.floor + (1 - self.floor) * out[k])
+        out["presence"] = presence
+        out["reward"] = reward.clamp(0, 1)
+        return {k: v.float() for k, v in out.items()}
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.terms(images, prompts)["reward"]
