@@ -134,7 +134,8 @@ class LoggingConfig(Strict):
     output_dir: str = "runs/tiny"
     log_every: int = Field(1, ge=1)
     grid_every: int = Field(10, ge=1)
-    metrics_port: Optional[int] = Field(None, ge=1, le=65535)
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = any free port
+    metrics_host: str = "127.0.0.1"
 
 
 class ExperimentConfig(Strict):

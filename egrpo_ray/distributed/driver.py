@@ -116,10 +116,18 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
 
 
 def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, start_step: int, progress: bool) -> dict:
-    """Stream the learner's records into metrics.jsonl, the progress bar, grids and the curve."""
+    """Stream the learner's records into metrics.jsonl, Prometheus, the progress bar, grids and the curve."""
     import ray
 
     writer = MetricsWriter(out)
+    prometheus, server = None, None
+    if cfg.logging.metrics_port is not None:
+        from egrpo_ray.monitoring import RunMetrics
+
+        prometheus = RunMetrics(out.name)
+        server = prometheus.serve(cfg.logging.metrics_port, cfg.logging.metrics_host)
+        bar_note = f"metrics: http://{cfg.logging.metrics_host}:{server.server_port}/metrics"
+        print(bar_note, flush=True)
     n_rec = n_img = 0
     heldout: dict[str, tuple[int, float]] = {}
     bar = tqdm(total=cfg.learner.iterations, initial=start_step, desc="E-GRPO", unit="step", disable=not progress)
@@ -129,6 +137,8 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
             records, images = ray.get(log.since.remote(n_rec, n_img))
             n_rec, n_img = n_rec + len(records), n_img + len(images)
             for r in records:
+                if prometheus:
+                    prometheus.update(r)
                 if r.get("event") == "heldout":
                     heldout[r["tag"]] = (r["step"], r["heldout_reward"])
                     bar.write(f"held-out reward ({r['tag']}): {r['heldout_reward']:.4f}")
@@ -154,6 +164,8 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
         thread.join(timeout=120)
     finally:
         bar.close()
+        if server:
+            server.shutdown()
     records = writer.read()
     if records:
         plot_reward_curve(records, out / "reward_curve.png", [v for v in heldout.values()])

@@ -138,7 +138,7 @@ class FluxPolicy(DiffusersPolicy):
                 img_ids=self.img_ids.to(self.dtype),
                 return_dict=False,
             )[0]
-        return out.float()
+        return out.float().to(latents.device)  # float32, on the caller's device
 
     # -- images --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -154,7 +154,7 @@ class SD3Policy(DiffusersPolicy):
         if cfg:
             v_uncond, v_cond = out.chunk(2)
             out = v_uncond + self.cfg_scale * (v_cond - v_uncond)
-        return out
+        return out.to(latents.device)  # float32, on the caller's device
 
     # -- images --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -42,19 +42,35 @@ from egrpo_ray.tasks import shapes
 
 TERMS = ("colour", "position", "shape", "size", "aspect")
 _EPS = 1e-6
+# Pixel masks go through a linear ramp: below RAMP_LO counts as background (robust to faint noise),
+# above RAMP_HI as fully on (robust to a slightly dim object); anti-aliased edges fall in between.
+RAMP_LO, RAMP_HI = 0.2, 0.7
 
 
-def _stats(images: torch.Tensor, colours: torch.Tensor, extent_px: float = 1.0) -> dict[str, torch.Tensor]:
-    """Mass statistics of the target colour. images [B,3,H,W], colours [B,3] in {0,1}."""
+def _membership(images: torch.Tensor, colours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target-colour mask, brightness mask), each [B,H,W] in [0, 1], after the soft threshold ramp."""
     x = images.float().clamp(0, 1)
-    B, _, H, W = x.shape
-    c = colours.float().view(B, 3, 1, 1)
-    m = (c * x + (1 - c) * (1 - x)).prod(dim=1)  # [B,H,W]
+    B = x.shape[0]
+    c = colours.float().view(B, 3, 1, 1) > 0.5
+    on = torch.where(c, x, torch.ones_like(x)).amin(dim=1)  # the asked channels: the dimmest of them
+    off = torch.where(c, torch.ones_like(x), 1 - x).prod(dim=1)  # the other channels must be dark
+    m = on * off
     bright = x.amax(dim=1)
+    return _ramp(m), _ramp(bright)
+
+
+def _ramp(v: torch.Tensor) -> torch.Tensor:
+    return ((v - RAMP_LO) / (RAMP_HI - RAMP_LO)).clamp(0, 1)
+
+
+def _stats(images: torch.Tensor, colours: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mass statistics of the target colour. images [B,3,H,W], colours [B,3] in {0,1}."""
+    m, bright = _membership(images, colours)
+    B, H, W = m.shape
     mass = m.sum(dim=(1, 2))
     safe = mass.clamp_min(_EPS)
-    ys = torch.arange(H, dtype=torch.float32, device=x.device).view(1, H, 1) + 0.5
-    xs = torch.arange(W, dtype=torch.float32, device=x.device).view(1, 1, W) + 0.5
+    ys = torch.arange(H, dtype=torch.float32, device=m.device).view(1, H, 1) + 0.5
+    xs = torch.arange(W, dtype=torch.float32, device=m.device).view(1, 1, W) + 0.5
     cy = (m * ys).sum(dim=(1, 2)) / safe
     cx = (m * xs).sum(dim=(1, 2)) / safe
     dy = ys - cy.view(B, 1, 1)
@@ -63,9 +79,9 @@ def _stats(images: torch.Tensor, colours: torch.Tensor, extent_px: float = 1.0) 
     var_x = (m * dx**2).sum(dim=(1, 2)) / safe
     sd_y, sd_x = var_y.clamp_min(_EPS).sqrt(), var_x.clamp_min(_EPS).sqrt()
     skew_y = (m * dy**3).sum(dim=(1, 2)) / safe / sd_y**3
-    ext_x = (m.sum(dim=1) / extent_px).clamp(0, 1).sum(dim=1)
-    ext_y = (m.sum(dim=2) / extent_px).clamp(0, 1).sum(dim=1)
-    fill = mass / (ext_x * ext_y).clamp_min(1.0)
+    tallest = m.sum(dim=1).amax(dim=1)  # the object's height: mass of its fullest column
+    widest = m.sum(dim=2).amax(dim=1)  # its width: mass of its fullest row
+    fill = mass / (tallest * widest).clamp_min(_EPS)
     return {
         "mass": mass,
         "bright": bright.sum(dim=(1, 2)),

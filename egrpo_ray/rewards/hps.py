@@ -42,7 +42,7 @@ def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
 def clip_val_transform(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
     """Resize shortest side to ``size`` (bicubic, antialiased), centre crop, normalise: [B,3,H,W] in [0,1]."""
     from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms import functional as TF
 
     x = TF.resize(images, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
     x = TF.center_crop(x, [size, size])
