@@ -11,6 +11,8 @@ from egrpo_ray.config import ConfigError
 # Modules that register a subcommand with ``add_subcommand(subparsers)``; handlers return an exit code.
 COMMAND_MODULES = [
     "egrpo_ray.cli_plan",
+    "egrpo_ray.reference_loop",
+    "egrpo_ray.distributed.driver",
 ]
 
 

@@ -50,7 +50,7 @@ def ray_cluster(tmp_path_factory):
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     temp_dir = tempfile.mkdtemp(prefix="egrt_", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=temp_dir,
              logging_level="WARNING", log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -71,7 +71,8 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None) -> bool:
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,  # Train's controller uses the state API, which the dashboard serves
+        dashboard_host="127.0.0.1",
         dashboard_port=free_port(),
         _temp_dir=temp_dir,
         runtime_env={"env_vars": env},

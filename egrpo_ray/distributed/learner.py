@@ -69,7 +69,7 @@ def learner_loop(config: dict[str, Any]) -> None:
         gens = state["extra"].get("learner_generators", [])
         if rank < len(gens):
             generator.set_state(gens[rank])
-    fn = ray.train.torch.prepare_model(policy, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else policy
+    fn = ray.train.torch.prepare_model(policy) if world > 1 else policy
 
     _, heldout = prompt_splits(cfg.prompts)
     reward_fn = remote_reward_fn(reward_handles(cfg)) if rank == 0 else None

@@ -113,7 +113,8 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
         serve.start(proxy_location="Disabled")
     handles = {}
     for r in cfg.rewards:
-        options = {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, "max_ongoing_requests": 256}
+        options = {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, "max_ongoing_requests": 256,
+                   "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
         if r.autoscale_max_replicas:
             options["autoscaling_config"] = {"min_replicas": r.replicas, "max_replicas": r.autoscale_max_replicas,
                                              "target_ongoing_requests": 4}
@@ -137,6 +138,6 @@ def remote_reward_fn(handles: dict[str, object]):
     def score(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         arr = to_uint8(images)
         pending = {name: h.score.remote(arr, list(prompts)) for name, h in handles.items()}
-        return {name: torch.from_numpy(np.asarray(resp.result())).float() for name, resp in pending.items()}
+        return {name: torch.tensor(np.asarray(resp.result(), dtype=np.float32)) for name, resp in pending.items()}
 
     return score

@@ -169,7 +169,9 @@ def read_lora(pipeline_cls, directory: str | Path) -> tuple[dict[str, torch.Tens
     path = Path(directory)
     if not path.exists():
         raise FileNotFoundError(f"LoRA directory not found: {path}")
-    state, _alphas, metadata = pipeline_cls.lora_state_dict(str(path), return_lora_metadata=True)
+    out = pipeline_cls.lora_state_dict(str(path), return_lora_metadata=True)
+    # FluxPipeline returns (state, alphas, metadata), StableDiffusion3Pipeline (state, metadata)
+    state, metadata = out[0], out[-1]
     state = {k: v for k, v in state.items() if k.startswith("transformer.")}
     if not state:
         raise ValueError(f"{path}: no transformer LoRA weights found")

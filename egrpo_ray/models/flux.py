@@ -95,8 +95,8 @@ class FluxPolicy(DiffusersPolicy):
 
         path = check_model_path(cfg.path, "flux")
         dtype = torch_dtype(cfg.dtype)
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")

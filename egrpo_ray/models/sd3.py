@@ -82,8 +82,8 @@ class SD3Policy(DiffusersPolicy):
 
         path = check_model_path(cfg.path, "sd3")
         dtype = torch_dtype(cfg.dtype)
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
         te = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
         tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
