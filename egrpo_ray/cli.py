@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "egrpo_ray.cli_plan",
     "egrpo_ray.reference_loop",
     "egrpo_ray.distributed.driver",
+    "egrpo_ray.distributed.reward_service",
 ]
 
 

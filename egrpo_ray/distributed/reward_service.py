@@ -141,3 +141,39 @@ def remote_reward_fn(handles: dict[str, object]):
         return {name: torch.tensor(np.asarray(resp.result(), dtype=np.float32)) for name, resp in pending.items()}
 
     return score
+
+
+def add_subcommand(sub) -> None:
+    from egrpo_ray.cli import add_config_args
+
+    p = sub.add_parser("serve-rewards", help="serve the config's reward models over HTTP (127.0.0.1 unless configured)")
+    add_config_args(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    import time
+
+    from egrpo_ray.config import load_config
+    from egrpo_ray.distributed.cluster import init_ray, validate_on_cluster
+
+    cfg = load_config(args.config, args.overrides + ["cluster.http_enabled=true"])
+    started = init_ray(cfg)
+    try:
+        validate_on_cluster(cfg)
+        deploy_rewards(cfg)
+        c = cfg.cluster
+        for r in cfg.rewards:
+            print(f"reward {r.name}: POST http://{c.http_host}:{c.http_port}/rewards/{r.name} "
+                  '{"prompts": [...], "images": [base64 PNG, ...]}', flush=True)
+        print("serving; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()

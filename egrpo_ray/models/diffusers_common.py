@@ -84,6 +84,11 @@ class PromptCache:
     def clear(self) -> None:
         self._rows.clear()
 
+    def put(self, prompts: Sequence[str], cond: Conditioning) -> None:
+        """Insert precomputed conditioning rows (e.g. embeddings computed elsewhere)."""
+        for j, prompt in enumerate(prompts):
+            self._rows[prompt] = {k: v[j].detach() for k, v in cond.items()}
+
     def __call__(self, prompts: Sequence[str], device: torch.device | None = None) -> Conditioning:
         if len(prompts) == 0:
             raise ValueError("encode_prompts: no prompts")
