@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "egrpo_ray.reference_loop",
     "egrpo_ray.distributed.driver",
     "egrpo_ray.distributed.reward_service",
+    "egrpo_ray.evaluate",
 ]
 
 

@@ -33,6 +33,8 @@ class ModelConfig(Strict):
     # Local directory (or hub id) of a diffusers model; None = the tiny model shipped in the package.
     path: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Keep trainable weights in float32 (bf16 compute under autocast): bf16 weights round away lr-2e-6 steps.
+    master_dtype: Optional[Literal["float32"]] = None
     resolution: int = Field(32, ge=8, le=4096)
     guidance: float = Field(3.5, ge=0)  # FLUX distilled guidance
     cfg_scale: float = Field(1.0, ge=1.0)  # SD3 classifier-free guidance (1 = off)
@@ -77,6 +79,7 @@ class RewardConfig(Strict):
     name: Literal["alignment", "jpeg", "hps", "clip", "pickscore", "imagereward"]
     weight: float = 1.0
     path: Optional[str] = None  # local checkpoint (file or directory) for learned rewards
+    model_name: Optional[str] = None  # architecture override (HPS: the open_clip model name, default ViT-H-14)
     device: str = "cpu"
     batch_size: int = Field(16, ge=1, le=4096)
     batch_wait_s: float = Field(0.01, ge=0, le=10)
@@ -156,7 +159,7 @@ class ExperimentConfig(Strict):
             raise ValueError("prompts.train_path is required when prompts.source is 'file'")
         if self.sampling.merge.mode == "fixed" and self.sampling.merge.fixed_len > self.sampling.steps:
             raise ValueError("sampling.merge.fixed_len must not exceed sampling.steps")
-        if self.algorithm.window_size > self.sampling.steps:
+        if self.algorithm.strategy == "mixgrpo" and self.algorithm.window_size > self.sampling.steps:
             raise ValueError("algorithm.window_size must not exceed sampling.steps")
         if self.model.kind != "tiny" and not self.model.path:
             raise ValueError(f"model.path is required for model.kind '{self.model.kind}'")

@@ -158,7 +158,7 @@ def pretrain(seed: int = DEFAULT_SEED, steps: int = DEFAULT_STEPS, hparams: dict
     g = torch.Generator().manual_seed(seed + 1)
     B = hp["batch_size"]
     losses: list[float] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="pretrain-tiny", disable=not progress, mininterval=2.0, file=sys.stderr)
     for step in bar:
         lr = lr_at(step, steps, hp)
@@ -187,7 +187,7 @@ def pretrain(seed: int = DEFAULT_SEED, steps: int = DEFAULT_STEPS, hparams: dict
         if step % 200 == 0 or step == steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])
             log.info("step %d/%d loss(avg50) %.4f lr %.2e elapsed %.0fs", step + 1, steps, recent, lr, time.perf_counter() - t0)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -196,6 +196,7 @@ def pretrain(seed: int = DEFAULT_SEED, steps: int = DEFAULT_STEPS, hparams: dict
     stats = {
         "train_wall_s": round(wall, 1),
         "s_per_step": round(wall / max(1, steps), 4),
+        "train_cpu_s": round(cpu, 1),  # process CPU time: compare runs on a shared machine by this
         "loss_first50": round(sum(losses[:50]) / max(1, len(losses[:50])), 4),
         "loss_last50": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
         "hparams": hp,

@@ -21,6 +21,10 @@ from egrpo_ray.models.base import Policy
 RewardFn = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
 
 
+def policy_device(policy: Policy) -> torch.device:
+    return next(policy.parameters()).device
+
+
 @dataclass
 class ScoredRollout:
     """Whole groups of one rollout call with their rewards: the replay queue's item."""
@@ -109,8 +113,9 @@ def sample_and_score(
 
     t0 = time.perf_counter()
     cond = policy.encode_prompts(prompts)
-    rollout = strategy.rollout(policy, cond, prompts, policy.latent_shape, generator, iteration, max_batch)
-    images = policy.decode(rollout.final_latents)
+    rollout = strategy.rollout(policy, cond, prompts, policy.latent_shape, generator, iteration, max_batch, policy_device(policy))
+    images = policy.decode(rollout.final_latents).cpu()
+    rollout = rollout.to("cpu")  # queue items travel between processes: keep them on the CPU
     t1 = time.perf_counter()
     sample_prompts = [rollout.prompts[i] for i in rollout.sample_prompt.tolist()]
     rewards = reward_fn(images, sample_prompts)
@@ -130,7 +135,7 @@ def learn(
 ) -> dict[str, float]:
     """Advantages over the items' groups, then one clipped-surrogate update through ``fn``
     (the policy itself, or its DDP wrapper). Returns the step's metrics."""
-    batch = Rollout.concat([it.rollout for it in items])
+    batch = Rollout.concat([it.rollout for it in items]).to(policy_device(policy))
     rewards = {k: torch.cat([it.rewards[k] for it in items]) for k in items[0].rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
     alg = cfg.algorithm
@@ -160,10 +165,10 @@ def heldout_images(policy: Policy, prompts: Sequence[str], cfg: ExperimentConfig
     from egrpo_ray.algo.schedule import shifted_sigmas
 
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(prompts), *policy.latent_shape), generator=g)
+    noise = torch.randn((len(prompts), *policy.latent_shape), generator=g).to(policy_device(policy))
     cond = policy.encode_prompts(prompts)
     latents = sample_ode(policy, cond, noise, shifted_sigmas(cfg.sampling.steps, cfg.sampling.shift), max_batch)
-    return policy.decode(latents)
+    return policy.decode(latents).cpu()
 
 
 def heldout_reward(policy: Policy, prompts: Sequence[str], reward_fn: RewardFn, cfg: ExperimentConfig, seed: int) -> tuple[float, torch.Tensor]:

@@ -62,10 +62,10 @@ def grpo_loss(
     scores = score_rows(fn, cond, batch, kernel)
     old = batch.old_log_probs if old_log_probs is None else old_log_probs
     ratio = torch.exp(scores.log_probs - old)
-    adv = advantages.values[batch.row_samples]
+    adv = advantages.values[batch.row_samples].to(ratio.device)
     clipped_ratio = ratio.clamp(1 - clip_range, 1 + clip_range)
     per_row = torch.maximum(-adv * ratio, -adv * clipped_ratio).mean(1)
-    valid = advantages.valid_group[batch.sample_group[batch.row_samples[:, 0]]].float()
+    valid = advantages.valid_group[batch.sample_group[batch.row_samples[:, 0]]].float().to(ratio.device)
     rows = valid.sum().clamp_min(1.0)
     loss = (per_row * valid).sum() / rows
     kl_value = 0.0

@@ -73,6 +73,11 @@ class Rollout:
         row_fields = ("start_latents", "step_index", "step_len", "row_prompt", "next_latents", "old_log_probs", "row_samples")
         return Rollout(**{f.name: getattr(self, f.name)[rows] if f.name in row_fields else getattr(self, f.name) for f in fields(self)})
 
+    def to(self, device: torch.device | str) -> "Rollout":
+        """Latents and log-probs to ``device``; index tensors stay on the CPU (they index CPU tables)."""
+        moved = ("final_latents", "start_latents", "next_latents", "old_log_probs")
+        return Rollout(**{f.name: getattr(self, f.name).to(device) if f.name in moved else getattr(self, f.name) for f in fields(self)})
+
     @staticmethod
     def concat(parts: Sequence["Rollout"]) -> "Rollout":
         """Join rollouts of different prompts, re-indexing prompts, samples and groups."""

@@ -94,8 +94,9 @@ def sde_step(
 ) -> StepResult:
     """Sample x_next ~ N(mean, std^2 I) and return it with its log-probability (float32)."""
     mean, std = sde_mean_std(x, v, s, s_next, sigma, kind)
-    if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=mean.device)
+    if noise is None:  # drawn on the generator's device (CPU: reproducible everywhere), then moved
+        gen_device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device=gen_device).to(mean.device)
     std_b = _rows(std, mean)
     # With std == 0 (eta == 0) the step is exactly the ODE step; skip the 0 * noise term.
     sample = torch.where(std_b > 0, mean + std_b * noise.float(), mean)

@@ -39,9 +39,11 @@ class Strategy(ABC):
         generator: torch.Generator,
         iteration: int = 0,
         max_batch: int | None = None,
+        device: torch.device | str | None = None,
     ) -> Rollout:
-        """Sample every prompt's groups. All randomness comes from ``generator`` (seeded = reproducible)."""
-        noise = initial_noise(len(prompts), latent_shape, generator)
+        """Sample every prompt's groups on ``device``. All randomness comes from ``generator`` (a CPU
+        generator gives the same samples on any device, up to the model's numerics)."""
+        noise = initial_noise(len(prompts), latent_shape, generator).to(device or "cpu")
         return self._rollout(fn, cond, prompts, noise, generator, iteration, max_batch)
 
     @abstractmethod

@@ -57,7 +57,7 @@ def grpo_update(
     parts = parts if parts is not None else minibatches(len(batch.step_index), rows_per_minibatch, generator)
     with torch.no_grad():
         learner_old = [score_rows(fn, cond, batch.select_rows(rows), kernel).log_probs for rows in parts]
-    mismatch = max(float((lp - batch.old_log_probs[rows]).abs().max()) for lp, rows in zip(learner_old, parts))
+    mismatch = max(float((lp - batch.old_log_probs[rows.to(lp.device)]).abs().max()) for lp, rows in zip(learner_old, parts))
     losses, ratios, clips, kls, norms = [], [], [], [], []
     for _ in range(epochs):
         for rows, old in zip(parts, learner_old):

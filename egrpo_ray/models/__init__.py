@@ -13,10 +13,13 @@ def build_policy(cfg: ModelConfig) -> Policy:
         from egrpo_ray.models.tiny import load_tiny_policy
 
         return load_tiny_policy(cfg)
+    import torch
+
+    master = torch.float32 if cfg.master_dtype == "float32" else None
     if cfg.kind == "flux":
         from egrpo_ray.models.flux import FluxPolicy
 
-        return FluxPolicy.from_config(cfg)
+        return FluxPolicy.from_config(cfg, trainable_dtype=master)
     from egrpo_ray.models.sd3 import SD3Policy
 
-    return SD3Policy.from_config(cfg)
+    return SD3Policy.from_config(cfg, trainable_dtype=master)

@@ -109,6 +109,8 @@ class HPSv21Reward(Reward):
     def from_config(cls, cfg: RewardConfig, **kwargs) -> "HPSv21Reward":
         if not cfg.path:
             raise ValueError("rewards: 'hps' needs path: the HPS_v2.1_compressed.pt checkpoint (a local file)")
+        if cfg.model_name:
+            kwargs.setdefault("model_name", cfg.model_name)
         return cls(cfg.path, device=cfg.device, batch_size=cfg.batch_size, **kwargs)
 
     def _autocast(self):

@@ -1,0 +1,267 @@
+"""GPU check for one H100 / H200: FLUX.1-dev-sized transformer with random weights, bf16.
+
+Measures, in one process (about 2-3 minutes on an H100):
+1. the bare transformer forward at 512 px, batch 8 (ms per image): the reference;
+2. the real sampler through FluxPolicy at the same size: ``sample_ode`` over 16 steps at batch 8, and
+   E-GRPO's ``branching_rollout`` (1 prompt, G = 8, the paper's merge plan, max_batch 8, mixed
+   timesteps in a batch), as ms per image-step and the ratio to (1) (target: within 10 %);
+3. one learner step (``egrpo_ray.training.learn``: recompute old log-probs, clipped surrogate,
+   backward, optimizer step) on that rollout's 5 (prompt, entry) rows with gradient checkpointing:
+   full fine-tune (AdamW when the GPU has > 120 GB, else SGD: AdamW's two bf16 moments add 48 GB that an
+   80 GB H100 cannot hold next to 24 GB of weights and 24 GB of gradients), then LoRA (rank 64 on every
+   attention projection, AdamW);
+4. peak GPU memory of each phase.
+
+cuDNN attention stays off (torch 2.11 crashed with an illegal memory access in forward+backward with
+gradient checkpointing); flash / memory-efficient SDPA are used.
+
+    python benchmarks/gpu_check.py            # on the GPU machine; prints one JSON line per phase
+    python benchmarks/gpu_check.py --tiny     # a seconds-long CPU smoke run of the same code paths
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# FLUX.1-dev transformer/config.json (black-forest-labs/FLUX.1-dev)
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def log(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else 0.0
+
+
+def timed(fn, device, repeats: int):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats, out
+
+
+def build_transformer(dims: dict, device, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # create the weights directly in bf16 on the GPU (24 GB, no fp32 copy)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**dims)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tiny_vae():
+    """Only its config is used (scaling factors, 8x downsampling): decode is not benchmarked."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8],
+                         layers_per_block=1, latent_channels=16, norm_num_groups=4,
+                         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def make_policy(transformer, resolution: int, lora: bool):
+    from egrpo_ray.config import LoraConfig, ModelConfig
+    from egrpo_ray.models.flux import FluxPolicy
+
+    cfg = ModelConfig(kind="flux", path="random-init", dtype="bfloat16", resolution=resolution, guidance=3.5,
+                      gradient_checkpointing=True,
+                      lora=LoraConfig(enabled=lora, rank=64, alpha=64.0, target_modules=LORA_TARGETS))
+    # no text encoders: conditioning is random and put into the policy's prompt cache
+    return FluxPolicy(transformer, tiny_vae(), None, None, None, None, cfg), cfg
+
+
+def random_cond(n: int, seq: int, dims: dict, device, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(n, seq, dims["joint_attention_dim"], generator=g).to(device, dtype),
+        "pooled_prompt_embeds": torch.randn(n, dims["pooled_projection_dim"], generator=g).to(device, dtype),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of the code paths")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats of the bare forward")
+    ap.add_argument("--skip-full", action="store_true", help="skip the full fine-tune learner step")
+    args = ap.parse_args(argv)
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.tiny:
+        device, dims, seq = torch.device("cpu"), TINY, 16
+        args.resolution, args.steps, args.repeats = 64, min(args.steps, 4), 1
+        torch.set_num_threads(2)
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device (use --tiny for a CPU smoke run)", file=sys.stderr)
+            return 2
+        device, dims, seq = torch.device("cuda"), FLUX_DEV, 512
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16
+    from egrpo_ray.algo.entropy import build_plan
+    from egrpo_ray.algo.sampler import StepKernel, branching_rollout, sample_ode
+    from egrpo_ray.algo.schedule import shifted_sigmas
+
+    t0 = time.perf_counter()
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled()}
+    if device.type == "cuda":
+        info["gpu_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    log(phase="setup", **info)
+
+    reset_peak(device)
+    transformer = build_transformer(dims, device, dtype)
+    n_params = sum(p.numel() for p in transformer.parameters())
+    policy, model_cfg = make_policy(transformer, args.resolution, lora=False)
+    policy.requires_grad_(False)
+    b = args.batch
+    prompts = [f"prompt {i}" for i in range(b)]
+    cond = random_cond(b, seq, dims, device, dtype)
+    policy.cache.put(prompts, cond)
+    tokens = policy.latent_shape[0]
+    log(phase="build", params_b=round(n_params / 1e9, 3), latent_shape=list(policy.latent_shape),
+        seconds=round(time.perf_counter() - t0, 1), peak_gib=peak_gib(device))
+
+    # 1. bare transformer forward, batch b
+    x = torch.randn(b, *policy.latent_shape, device=device)
+    s = torch.full((b,), 0.7, device=device)
+    txt_ids = torch.zeros(seq, 3, device=device, dtype=dtype)
+    img_ids = policy.img_ids.to(device, dtype)
+    guidance = torch.full((b,), 3.5, device=device)
+
+    def bare():
+        return transformer(hidden_states=x.to(dtype), timestep=s.to(dtype), guidance=guidance,
+                           pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
+                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+    reset_peak(device)
+    with torch.no_grad():
+        timed(bare, device, 2)  # warm-up
+        sec, _ = timed(bare, device, args.repeats)
+    bare_ms = 1000 * sec / b
+    log(phase="bare_forward", resolution=args.resolution, batch=b, tokens=tokens, ms_per_batch=round(1000 * sec, 2),
+        ms_per_image=round(bare_ms, 2), peak_gib=peak_gib(device))
+
+    # 2a. the real ODE sampler through the policy: batch b, all steps
+    sigmas = shifted_sigmas(args.steps, 3.0)
+    noise = torch.randn(b, *policy.latent_shape, device=device, generator=torch.Generator(device).manual_seed(0))
+    reset_peak(device)
+    with torch.no_grad():
+        sample_ode(policy, cond, noise, sigmas[:3])  # warm-up
+        sec, lat = timed(lambda: sample_ode(policy, cond, noise, sigmas), device, 1)
+    ode_ms = 1000 * sec / (b * args.steps)
+    log(phase="sampler_ode", batch=b, steps=args.steps, seconds=round(sec, 2), ms_per_image_step=round(ode_ms, 2),
+        ratio_to_bare=round(ode_ms / bare_ms, 3), finite=bool(torch.isfinite(lat).all()), peak_gib=peak_gib(device))
+
+    # 2b. E-GRPO's branching rollout: 1 prompt, G = b, the paper's merge plan, batches of b (mixed timesteps)
+    kernel = StepKernel(sigmas, 0.7, "flow", "mean")
+    plan = build_plan(sigmas, 0.7, "adaptive", 2.2, 2, None, 0.5)
+    gen = torch.Generator(device).manual_seed(1)
+    reset_peak(device)
+    with torch.no_grad():
+        sec, rollout = timed(lambda: branching_rollout(policy, {k: v[:1] for k, v in cond.items()}, prompts[:1],
+                                                       noise[:1], kernel, plan, b, gen, max_batch=b), device, 1)
+    branch_ms = 1000 * sec / rollout.forwards
+    log(phase="sampler_branching", plan=str(plan), group_size=b, forwards=rollout.forwards, seconds=round(sec, 2),
+        ms_per_image_step=round(branch_ms, 2), ratio_to_bare=round(branch_ms / bare_ms, 3), peak_gib=peak_gib(device))
+
+    # 3. learner steps on that rollout (5 rows) through egrpo_ray.training.learn
+    from egrpo_ray.algo.strategies import build_strategy
+    from egrpo_ray.config import ExperimentConfig, RewardConfig
+    from egrpo_ray.training import ScoredRollout, learn
+
+    rows = len(rollout.step_index)
+    exp = ExperimentConfig(
+        model=model_cfg, rewards=[RewardConfig(name="hps")],
+        sampling={"steps": args.steps, "shift": 3.0, "eta": 0.7},
+        algorithm={"group_size": b, "clip_range": 1e-4, "old_logprob": "recompute"},
+        learner={"minibatch_rows": rows, "lr": 2e-6},
+    )
+    strategy = build_strategy(exp.sampling, exp.algorithm)
+    rewards = {"hps": torch.rand(len(rollout.final_latents), generator=torch.Generator().manual_seed(2))}
+    # the learner's loss math runs where the rollout lives (advantages are CPU tensors); the policy moves
+    # each forward's inputs to the GPU and returns float32 velocities on the caller's device
+    from dataclasses import fields
+
+    cpu_rollout = type(rollout)(**{f.name: (getattr(rollout, f.name).cpu() if torch.is_tensor(getattr(rollout, f.name))
+                                            else getattr(rollout, f.name)) for f in fields(rollout)})
+    item = ScoredRollout(cpu_rollout, rewards, policy_version=0)
+
+    def learner_step(pol, optimizer, label, extra):
+        pol.train()
+        reset_peak(device)
+        sync(device)
+        t = time.perf_counter()
+        stats = learn(pol, pol, [item], exp, strategy, optimizer, torch.Generator().manual_seed(3))
+        sync(device)
+        log(phase=label, rows=rows, seconds=round(time.perf_counter() - t, 2), peak_gib=peak_gib(device),
+            ratio_mean_first=round(stats["ratio_mean_first"], 6), logprob_mismatch=stats["logprob_mismatch"],
+            grad_norm=stats["grad_norm"], loss=stats["loss"], **extra)
+        pol.eval()
+
+    if not args.skip_full:
+        policy.transformer.requires_grad_(True)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        big = device.type == "cuda" and torch.cuda.get_device_properties(0).total_memory > 120 * 2**30
+        opt = (torch.optim.AdamW(params, lr=2e-6, weight_decay=1e-4) if big or device.type == "cpu"
+               else torch.optim.SGD(params, lr=2e-6))
+        try:
+            learner_step(policy, opt, "learner_full", {"optimizer": type(opt).__name__, "gradient_checkpointing": True,
+                                                        "trainable_b": round(sum(p.numel() for p in params) / 1e9, 3)})
+        except torch.OutOfMemoryError as err:
+            log(phase="learner_full", error=f"out of memory: {str(err).splitlines()[0]}", peak_gib=peak_gib(device))
+        del opt, params
+        for p in policy.parameters():
+            p.grad = None
+        policy.transformer.requires_grad_(False)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    lora_policy, _ = make_policy(transformer, args.resolution, lora=True)  # injects LoRA into the same weights
+    lora_policy.cache.put(prompts, cond)
+    lparams = [p for p in lora_policy.parameters() if p.requires_grad]
+    lopt = torch.optim.AdamW(lparams, lr=1e-4, weight_decay=1e-4)
+    learner_step(lora_policy, lopt, "learner_lora", {"optimizer": "AdamW", "rank": 64,
+                                                     "lora_params_m": round(sum(p.numel() for p in lparams) / 1e6, 1)})
+    log(phase="done", total_seconds=round(time.perf_counter() - t0, 1),
+        sampler_ratio_ode=round(ode_ms / bare_ms, 3), sampler_ratio_branching=round(branch_ms / bare_ms, 3))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
