@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "egrpo_ray.distributed.driver",
     "egrpo_ray.distributed.reward_service",
     "egrpo_ray.evaluate",
+    "egrpo_ray.tiny_pretrain",
 ]
 
 
