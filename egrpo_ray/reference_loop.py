@@ -36,7 +36,9 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
     learner_gen = torch.Generator().manual_seed(cfg.seed + 1)
     writer = MetricsWriter(output_dir) if output_dir else None
 
+    train_probe = train_prompts[:: max(1, len(train_prompts) // 24)][:24]  # fixed training prompts, fixed noise
     before, _ = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
+    train_before, _ = heldout_reward(policy, train_probe, reward_fn, cfg, cfg.seed)
     history, t_start = [], time.perf_counter()
     for step in tqdm(range(1, iterations + 1), desc="reference E-GRPO", disable=not progress):
         items = [
@@ -51,11 +53,14 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
         if writer:
             writer.write(metrics)
     after, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
+    train_after, _ = heldout_reward(policy, train_probe, reward_fn, cfg, cfg.seed)
     summary = {
         "iterations": iterations,
         "strategy": cfg.algorithm.strategy,
         "heldout_reward_before": before,
         "heldout_reward_after": after,
+        "train_probe_reward_before": train_before,
+        "train_probe_reward_after": train_after,
         "train_reward_first": history[0]["reward_mean"],
         "train_reward_last": history[-1]["reward_mean"],
         "wall_seconds": time.perf_counter() - t_start,
