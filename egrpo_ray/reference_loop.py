@@ -18,7 +18,8 @@ from egrpo_ray.config import ExperimentConfig, load_config
 from egrpo_ray.models import build_policy
 from egrpo_ray.outputs import MetricsWriter, save_grid
 from egrpo_ray.rewards import build_reward
-from egrpo_ray.training import PromptCursor, heldout_reward, learn, make_reward_fn, prompt_splits, sample_and_score
+from egrpo_ray.training import (PromptCursor, heldout_reward, learn, make_reward_fn, prompt_splits, sample_and_score,
+                                train_probe)
 
 
 def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_dir: str | None = None,
@@ -36,9 +37,9 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
     learner_gen = torch.Generator().manual_seed(cfg.seed + 1)
     writer = MetricsWriter(output_dir) if output_dir else None
 
-    train_probe = train_prompts[:: max(1, len(train_prompts) // 24)][:24]  # fixed training prompts, fixed noise
+    probe = train_probe(train_prompts)
     before, _ = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
-    train_before, _ = heldout_reward(policy, train_probe, reward_fn, cfg, cfg.seed)
+    train_before, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
     history, t_start = [], time.perf_counter()
     for step in tqdm(range(1, iterations + 1), desc="reference E-GRPO", disable=not progress):
         items = [
@@ -53,7 +54,7 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
         if writer:
             writer.write(metrics)
     after, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
-    train_after, _ = heldout_reward(policy, train_probe, reward_fn, cfg, cfg.seed)
+    train_after, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
     summary = {
         "iterations": iterations,
         "strategy": cfg.algorithm.strategy,

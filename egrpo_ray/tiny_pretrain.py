@@ -269,7 +269,7 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("pretrain-tiny", help="pre-train the tiny text-to-image model from scratch (CPU, minutes)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where model.safetensors and manifest.json go (default: {DEFAULT_OUTPUT_DIR})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for init, data and noise (default: {DEFAULT_SEED})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default: {DEFAULT_STEPS}, about 12 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default: {DEFAULT_STEPS}, about 11-12 min on 2 idle cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p

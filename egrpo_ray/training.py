@@ -54,6 +54,12 @@ def prompt_splits(cfg: PromptsConfig) -> tuple[list[str], list[str]]:
     return train, test[: cfg.heldout_count]
 
 
+def train_probe(train_prompts: Sequence[str], count: int = 24) -> list[str]:
+    """A fixed, evenly spread subset of the training prompts: scored before and after (ODE, fixed
+    noise) it tells whether training-prompt reward went up, without per-step prompt noise."""
+    return list(train_prompts[:: max(1, len(train_prompts) // count)][:count])
+
+
 @dataclass
 class PromptCursor:
     """Deterministic prompt stream: a seeded shuffle per epoch, resumable from (epoch, position)."""

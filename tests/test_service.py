@@ -14,7 +14,7 @@ BASE = [
     "rollout.num_cpus=0.25", "rewards.0.num_cpus=0.25", "prompts.heldout_count=8",
     "learner.prompts_per_step=4", "rollout.prompts_per_batch=2", "algorithm.group_size=8",
     "learner.checkpoint_every=3", "logging.grid_every=3", "learner.max_staleness=0",
-    "algorithm.old_logprob=recompute", "learner.lr=1e-4", "algorithm.clip_range=0.01",
+    "algorithm.old_logprob=recompute",
 ]
 
 
@@ -36,10 +36,8 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     records = _records(out)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert [r["policy_version"] for r in records] == list(range(1, 7))
-    # training-prompt reward improves over the run (early steps vs late steps)
-    early = sum(r["reward_mean"] for r in records[:2]) / 2
-    late = sum(r["reward_mean"] for r in records[-2:]) / 2
-    assert late > early, (early, late)
+    # training-prompt reward improves: fixed training prompts, fixed noise, before vs after
+    assert summary["train_probe_reward_after"] > summary["train_probe_reward_before"] + 0.01, summary
     # rollout workers loaded newer weights as the learner published them
     for w in summary["rollout_workers"]:
         assert w["versions_loaded"] == sorted(w["versions_loaded"]) and len(set(w["versions_loaded"])) >= 3

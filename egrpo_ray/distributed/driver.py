@@ -130,6 +130,7 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
         print(bar_note, flush=True)
     n_rec = n_img = 0
     heldout: dict[str, tuple[int, float]] = {}
+    probes: dict[str, float] = {}
     bar = tqdm(total=cfg.learner.iterations, initial=start_step, desc="E-GRPO", unit="step", disable=not progress)
     try:
         while True:
@@ -141,7 +142,9 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
                     prometheus.update(r)
                 if r.get("event") == "heldout":
                     heldout[r["tag"]] = (r["step"], r["heldout_reward"])
-                    bar.write(f"held-out reward ({r['tag']}): {r['heldout_reward']:.4f}")
+                    probes[r["tag"]] = r["train_probe_reward"]
+                    bar.write(f"[{r['tag']}] held-out reward {r['heldout_reward']:.4f}, "
+                              f"training-prompt probe {r['train_probe_reward']:.4f}")
                     continue
                 writer.write(r)
                 bar.update(r["step"] - bar.n)
@@ -154,7 +157,7 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
             for step, tag, arr in images:
                 import torch
 
-                save_grid(torch.from_numpy(arr).float() / 255, out / "grids" / f"heldout_{tag}.png", scale=4)
+                save_grid(torch.tensor(arr).float() / 255, out / "grids" / f"heldout_{tag}.png", scale=4)
             if not alive:
                 break
             time.sleep(0.5)
@@ -173,6 +176,8 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
         "steps_completed": records[-1]["step"] if records else start_step,
         "heldout_reward_before": heldout.get("before", (0, None))[1],
         "heldout_reward_after": heldout.get("after", (0, None))[1],
+        "train_probe_reward_before": probes.get("before"),
+        "train_probe_reward_after": probes.get("after"),
         "train_reward_first": records[0]["reward_mean"] if records else None,
         "train_reward_last": records[-1]["reward_mean"] if records else None,
         "metrics": str(out / "metrics.jsonl"),

@@ -20,7 +20,7 @@ from egrpo_ray.config import ExperimentConfig
 from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles, to_uint8
 from egrpo_ray.models import build_policy
 from egrpo_ray.outputs import load_checkpoint, save_checkpoint
-from egrpo_ray.training import heldout_reward, learn, prompt_splits
+from egrpo_ray.training import heldout_reward, learn, prompt_splits, train_probe
 
 AVERAGED = ("reward_mean", "reward_std", "zero_std_ratio", "ratio_mean", "ratio_mean_first", "clip_fraction", "kl", "loss")
 
@@ -71,13 +71,16 @@ def learner_loop(config: dict[str, Any]) -> None:
             generator.set_state(gens[rank])
     fn = ray.train.torch.prepare_model(policy) if world > 1 else policy
 
-    _, heldout = prompt_splits(cfg.prompts)
+    train_prompts, heldout = prompt_splits(cfg.prompts)
+    probe = train_probe(train_prompts)
     reward_fn = remote_reward_fn(reward_handles(cfg)) if rank == 0 else None
 
     def report_heldout(tag: str) -> None:
         value, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
+        train_value, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
         log.add_images.remote(step, tag, to_uint8(images))
-        log.record.remote({"event": "heldout", "tag": tag, "step": step, "policy_version": version, "heldout_reward": value})
+        log.record.remote({"event": "heldout", "tag": tag, "step": step, "policy_version": version,
+                           "heldout_reward": value, "train_probe_reward": train_value})
 
     if rank == 0:
         store.publish.remote(version, policy.trainable_state())
