@@ -61,6 +61,8 @@ def main() -> None:
         "service_rollout_images_per_s": round(statistics.median(r["images_per_s"] for r in records), 1),
         "service_images_sampled": images,
         "reference_images_per_s": round(ref["history"][0]["samples"] / ref_step_s, 1),
+        "service_startup_s": round(summary["startup_s"], 1),
+        "service_rollout_drain_s": round(summary["rollout_drain_s"], 1),
         "weight_sync_s_median": round(statistics.median(syncs), 4) if syncs else None,
         "weight_publish_s_median": round(statistics.median(r["weight_publish_s"] for r in records), 4),
         "queue_wait_s_median": round(statistics.median(r["queue_wait_s"] for r in records), 3),

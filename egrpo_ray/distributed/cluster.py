@@ -71,6 +71,7 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None) -> bool:
     ray.init(
         address="local",
         num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",  # a private cluster: nothing listens beyond loopback
         include_dashboard=True,  # Train's controller uses the state API, which the dashboard serves
         dashboard_host="127.0.0.1",
         dashboard_port=free_port(),

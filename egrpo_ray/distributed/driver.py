@@ -56,21 +56,17 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     t0 = time.perf_counter()
     try:
         validate_on_cluster(cfg)
-        deploy_rewards(cfg)
         queue = ReplayQueue.remote(cfg.learner.queue_capacity, cfg.learner.max_staleness)
         store, log = WeightStore.remote(), RunLog.remote()
         done_batches = meta.get("prompt_batches_by_worker", {})
+        # Actors start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
             RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
-                cfg.model_dump(), i, queue, store, int(done_batches.get(str(i), 0)))
+                cfg.model_dump(), i, queue, store, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None)
             for i in range(cfg.rollout.workers)
         ]
-        try:
-            ray.get([w.ready.remote() for w in workers], timeout=cfg.cluster.startup_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise ConfigError(f"rollout workers did not start within {cfg.cluster.startup_timeout_s:g} s "
-                              "(the cluster lacks the resources they ask for?)") from None
-        worker_runs = [w.run.remote() for w in workers]
+        deploy_rewards(cfg)
+        worker_runs = [w.run.remote() for w in workers]  # queued behind each actor's start-up
         scaling, torch_config = _learner_scaling(cfg)
         trainer = TorchTrainer(
             learner_loop,
@@ -89,9 +85,18 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
 
         thread = threading.Thread(target=fit, daemon=True)
         thread.start()
+        try:
+            ray.get([w.ready.remote() for w in workers], timeout=cfg.cluster.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.get(log.request_stop.remote())
+            raise ConfigError(f"rollout workers did not start within {cfg.cluster.startup_timeout_s:g} s "
+                              "(the cluster lacks the resources they ask for?)") from None
         summary = _follow(cfg, out, log, thread, int(meta.get("step", 0)), progress)
+        summary["startup_s"] = summary.pop("first_step_at") - t0
+        t_learner_done = time.perf_counter()
         ray.get(queue.close.remote())
         worker_stats = ray.get(worker_runs, timeout=120)
+        summary["rollout_drain_s"] = time.perf_counter() - t_learner_done
         if fit_error:
             raise RuntimeError(f"the learner failed: {fit_error[0]}")
         summary.update(
@@ -131,6 +136,7 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
     n_rec = n_img = 0
     heldout: dict[str, tuple[int, float]] = {}
     probes: dict[str, float] = {}
+    first_step_at = None
     bar = tqdm(total=cfg.learner.iterations, initial=start_step, desc="E-GRPO", unit="step", disable=not progress)
     try:
         while True:
@@ -146,6 +152,7 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
                     bar.write(f"[{r['tag']}] held-out reward {r['heldout_reward']:.4f}, "
                               f"training-prompt probe {r['train_probe_reward']:.4f}")
                     continue
+                first_step_at = first_step_at or time.perf_counter()
                 writer.write(r)
                 bar.update(r["step"] - bar.n)
                 bar.set_postfix(reward=f"{r['reward_mean']:.3f}", ratio=f"{r['ratio_mean']:.4f}", queue=r["queue_depth"],
@@ -173,6 +180,7 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
     if records:
         plot_reward_curve(records, out / "reward_curve.png", [v for v in heldout.values()])
     return {
+        "first_step_at": first_step_at or time.perf_counter(),
         "steps_completed": records[-1]["step"] if records else start_step,
         "heldout_reward_before": heldout.get("before", (0, None))[1],
         "heldout_reward_after": heldout.get("after", (0, None))[1],

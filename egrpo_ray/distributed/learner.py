@@ -137,6 +137,7 @@ def learner_loop(config: dict[str, Any]) -> None:
         if world > 1:
             dist.barrier()
     if rank == 0:
+        ray.get(queue.close.remote())  # stop the rollout workers: the cores go to the final evaluation
         report_heldout("after")
     _finish(rank, log, "done")
 

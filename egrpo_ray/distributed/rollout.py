@@ -21,7 +21,7 @@ def batch_seed(seed: int, worker: int, batch: int) -> int:
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, cfg: dict, index: int, queue, store, batches_done: int = 0):
+    def __init__(self, cfg: dict, index: int, queue, store, batches_done: int = 0, base_is_current: bool = False):
         torch.set_num_threads(1)
         self.cfg = ExperimentConfig.model_validate(cfg)
         self.index, self.queue, self.store = index, queue, store
@@ -32,7 +32,9 @@ class RolloutWorker:
         self.cursor = PromptCursor(shard, self.cfg.seed + index)
         self.cursor.take(batches_done * self.cfg.rollout.prompts_per_batch)  # resume the prompt stream
         self.batches = batches_done
-        self.version = -1
+        # A fresh run's version 0 is the base model every worker loaded itself: sampling can start
+        # while the learner is still starting. A resumed run waits for the checkpoint's weights.
+        self.version = 0 if base_is_current else -1
         self.versions_loaded: list[int] = []
         self.sync_seconds: list[float] = []
         self.images = 0
@@ -42,10 +44,10 @@ class RolloutWorker:
         return True
 
     def _sync_weights(self, at_least: int = 0) -> None:
-        """Load the store's newest weights if newer than ours; wait while it has none >= at_least."""
+        """Load the store's newest weights if newer than ours; wait while ours are older than at_least."""
         while True:
             latest = ray.get(self.store.latest_version.remote())
-            if latest >= max(at_least, self.version + 1):
+            if latest > self.version:
                 t0 = time.perf_counter()
                 version, [ref] = ray.get(self.store.latest.remote())
                 self.policy.load_trainable_state(ray.get(ref))
@@ -53,9 +55,7 @@ class RolloutWorker:
                 self.versions_loaded.append(version)
                 self.sync_seconds.append(time.perf_counter() - t0)
                 return
-            if latest >= at_least and self.version >= at_least:
-                return
-            if ray.get(self.queue.is_closed.remote()):
+            if self.version >= at_least or ray.get(self.queue.is_closed.remote()):
                 return
             time.sleep(0.02)
 
