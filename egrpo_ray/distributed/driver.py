@@ -66,7 +66,8 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
             for i in range(cfg.rollout.workers)
         ]
         deploy_rewards(cfg)
-        worker_runs = [w.run.remote() for w in workers]  # queued behind each actor's start-up
+        ready = [w.ready.remote() for w in workers]  # actor tasks run in order: ready, then run
+        worker_runs = [w.run.remote() for w in workers]
         scaling, torch_config = _learner_scaling(cfg)
         trainer = TorchTrainer(
             learner_loop,
@@ -86,7 +87,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         thread = threading.Thread(target=fit, daemon=True)
         thread.start()
         try:
-            ray.get([w.ready.remote() for w in workers], timeout=cfg.cluster.startup_timeout_s)
+            ray.get(ready, timeout=cfg.cluster.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.get(log.request_stop.remote())
             raise ConfigError(f"rollout workers did not start within {cfg.cluster.startup_timeout_s:g} s "
