@@ -161,7 +161,6 @@ def learn(
         **{f"reward_{k}": float(v.mean()) for k, v in rewards.items()},
         **{k: float(v) for k, v in vars(stats).items()},
     }
-    out["ratio_mean"] = out.pop("ratio_mean")
     return out
 
 

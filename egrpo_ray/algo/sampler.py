@@ -100,7 +100,7 @@ class Rollout:
         )
 
 
-class _Counter:
+class _BatchedVelocity:
     """Wraps a velocity function: batches calls to max_batch rows and counts image-step forwards."""
 
     def __init__(self, fn: VelocityFn, cond: Conditioning, max_batch: int | None):
@@ -123,7 +123,7 @@ def initial_noise(num_prompts: int, latent_shape: Sequence[int], generator: torc
 @torch.no_grad()
 def sample_ode(fn: VelocityFn, cond: Conditioning, noise: torch.Tensor, sigmas: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
     """Deterministic Euler sampling from noise [P, *latent] over the schedule; returns x at s = 0."""
-    velocity = _Counter(fn, cond, max_batch)
+    velocity = _BatchedVelocity(fn, cond, max_batch)
     prompt_idx = torch.arange(len(noise))
     x = noise.float()
     for k in range(len(sigmas) - 1):
@@ -132,7 +132,7 @@ def sample_ode(fn: VelocityFn, cond: Conditioning, noise: torch.Tensor, sigmas: 
     return x
 
 
-def _finish_by_ode(velocity: _Counter, kernel: StepKernel, x: torch.Tensor, k: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
+def _finish_by_ode(velocity: _BatchedVelocity, kernel: StepKernel, x: torch.Tensor, k: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
     """Run every latent from its own schedule index k to the end, batching all latents with steps left
     (mixed timesteps in one batch cost no more than uniform ones)."""
     x, k = x.clone(), k.clone()
@@ -163,7 +163,7 @@ def branching_rollout(
     Groups are (prompt, entry) pairs, numbered prompt-major; rows are the same pairs, one per group.
     """
     num_prompts, num_entries, g = len(noise), len(plan.entries), group_size
-    velocity = _Counter(fn, cond, max_batch)
+    velocity = _BatchedVelocity(fn, cond, max_batch)
     prompt_idx = torch.arange(num_prompts)
     starts = {i for i, _ in plan.entries}
 
@@ -236,7 +236,7 @@ def trajectory_rollout(
     at ``train_steps`` (a subset of ``sde_steps``), each with B = 1.
     """
     num_prompts, g = len(noise), group_size
-    velocity = _Counter(fn, cond, max_batch)
+    velocity = _BatchedVelocity(fn, cond, max_batch)
     sample_prompt = torch.arange(num_prompts).repeat_interleave(g)
     n = len(sample_prompt)
     x = noise.float().repeat_interleave(g, dim=0)
