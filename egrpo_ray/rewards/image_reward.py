@@ -71,17 +71,32 @@ DEFAULT_MED_CONFIG = {  # ImageReward's med_config.json (BERT-base with cross-at
 }
 IGNORED_KEY_PATTERNS = (r"^blip\.vision_proj\.", r"^blip\.text_proj\.", r"position_ids$")
 
-_VISION_RULES = [
-    (r"^cls_token$", "embeddings.class_embedding"),
-    (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embedding.\1"),
-    (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
-    (r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", r"encoder.layers.\1.self_attn.qkv.\2"),
-    (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.projection.\2"),
-    (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
-    (r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"encoder.layers.\1.mlp.\2.\3"),
-    (r"^norm\.(weight|bias)$", r"post_layernorm.\1"),
+# ImageReward (BLIP ViT) vision names <-> transformers BlipVisionModel names, one table for both
+# directions; {i} is a block index, {p} weight|bias, {fc} fc1|fc2.
+_VISION_NAMES = [
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.{p}", "embeddings.patch_embedding.{p}"),
+    ("blocks.{i}.norm1.{p}", "encoder.layers.{i}.layer_norm1.{p}"),
+    ("blocks.{i}.attn.qkv.{p}", "encoder.layers.{i}.self_attn.qkv.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.layers.{i}.self_attn.projection.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.layers.{i}.layer_norm2.{p}"),
+    ("blocks.{i}.mlp.{fc}.{p}", "encoder.layers.{i}.mlp.{fc}.{p}"),
+    ("norm.{p}", "post_layernorm.{p}"),
 ]
+_SLOTS = {"i": r"\d+", "p": "weight|bias", "fc": "fc1|fc2"}
+
+
+def _rename(name: str, table: Sequence[tuple[str, str]]) -> Optional[str]:
+    """Match ``name`` against each pair's left side (a template) and fill in its right side."""
+    for src, dst in table:
+        pattern = re.escape(src)
+        for slot, alternatives in _SLOTS.items():
+            pattern = pattern.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>{alternatives})")
+        m = re.fullmatch(pattern, name)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
 
 
 def map_imagereward_key(key: str) -> Optional[str]:
@@ -89,11 +104,10 @@ def map_imagereward_key(key: str) -> Optional[str]:
     if any(re.search(p, key) for p in IGNORED_KEY_PATTERNS):
         return None
     if key.startswith("blip.visual_encoder."):
-        rest = key[len("blip.visual_encoder."):]
-        for pattern, repl in _VISION_RULES:
-            if re.match(pattern, rest):
-                return "vision." + re.sub(pattern, repl, rest)
-        raise KeyError(f"unknown ImageReward vision key {key!r}")
+        ours = _rename(key[len("blip.visual_encoder."):], _VISION_NAMES)
+        if ours is None:
+            raise KeyError(f"unknown ImageReward vision key {key!r}")
+        return "vision." + ours
     if key.startswith("blip.text_encoder."):
         return "text." + key[len("blip.text_encoder."):]
     if key.startswith("mlp.layers."):
@@ -107,22 +121,10 @@ def unmap_imagereward_key(key: str) -> str:
         return "mlp." + key[len("head."):]
     if key.startswith("text."):
         return "blip.text_encoder." + key[len("text."):]
-    rest = key[len("vision."):]
-    inverse = [
-        (r"^embeddings\.class_embedding$", "cls_token"),
-        (r"^embeddings\.position_embedding$", "pos_embed"),
-        (r"^embeddings\.patch_embedding\.(weight|bias)$", r"patch_embed.proj.\1"),
-        (r"^encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-        (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
-        (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-        (r"^encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-        (r"^encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"blocks.\1.mlp.\2.\3"),
-        (r"^post_layernorm\.(weight|bias)$", r"norm.\1"),
-    ]
-    for pattern, repl in inverse:
-        if re.match(pattern, rest):
-            return "blip.visual_encoder." + re.sub(pattern, repl, rest)
-    raise KeyError(f"unknown key {key!r}")
+    original = _rename(key[len("vision."):], [(b, a) for a, b in _VISION_NAMES]) if key.startswith("vision.") else None
+    if original is None:
+        raise KeyError(f"unknown key {key!r}")
+    return "blip.visual_encoder." + original
 
 
 class RewardHead(nn.Module):
