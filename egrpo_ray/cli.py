@@ -33,13 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """The --config / --set pair every config-driven command takes."""
-    p.add_argument("--config", help="YAML experiment config (default: the embedded tiny default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set algorithm.tau=2.0 (repeatable)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -6,7 +6,7 @@ import json
 
 from egrpo_ray.algo.entropy import build_plan, paper_forwards, rollout_forwards, step_entropy
 from egrpo_ray.algo.schedule import shifted_sigmas
-from egrpo_ray.config import ConfigError, MergeConfig, SamplingConfig, validate
+from egrpo_ray.config import ConfigError, MergeConfig, SamplingConfig, add_config_args, validate
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -42,10 +42,7 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
         merge.update(mode="fixed", fixed_len=args.fixed_merge)
     if merge["tau"] == 0:
         merge["mode"] = "none"
-    cfg = validate({"sampling": sampling}).sampling
-    if cfg.merge.mode == "fixed" and cfg.merge.fixed_len > cfg.steps:
-        raise ConfigError("sampling.merge.fixed_len must not exceed sampling.steps")
-    return cfg
+    return validate({"sampling": sampling}).sampling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_config_subcommand(sub: argparse._SubParsersAction) -> None:
-    from egrpo_ray.cli import add_config_args
-
     p = sub.add_parser("config", help="validate a config (with overrides) and print the resolved YAML")
     add_config_args(p)
     p.set_defaults(func=run_config)

@@ -87,6 +87,7 @@ class RewardConfig(Strict):
     autoscale_max_replicas: Optional[int] = Field(None, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}  # custom Ray resources per replica (placement on labelled nodes)
 
 
 class PromptsConfig(Strict):
@@ -102,13 +103,22 @@ class RolloutConfig(Strict):
     prompts_per_batch: int = Field(2, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}  # custom Ray resources per worker (placement on labelled nodes)
+    # How new weights reach the workers: through Ray's object store (tiny models, LoRA), or broadcast
+    # in flat buckets over a process group of the learner's rank 0 and the workers (nccl on GPU, gloo on CPU).
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    sync_bucket_mb: int = Field(256, ge=1, le=16384)
 
 
 class LearnerConfig(Strict):
     workers: int = Field(1, ge=1, le=4096)
+    # ddp: every rank holds the whole model, gradients and optimizer state (LoRA, small models);
+    # fsdp: FSDP2 shards them per transformer block, float32 master weights, bf16 compute (full fine-tunes).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}  # custom Ray resources per worker (placement on labelled nodes)
     iterations: int = Field(20, ge=1)
     prompts_per_step: int = Field(4, ge=1)  # prompts whose groups make one update
     minibatch_rows: int = Field(8, ge=1)  # (prompt, entry) rows per gradient step
@@ -163,6 +173,8 @@ class ExperimentConfig(Strict):
             raise ValueError("algorithm.window_size must not exceed sampling.steps")
         if self.model.kind != "tiny" and not self.model.path:
             raise ValueError(f"model.path is required for model.kind '{self.model.kind}'")
+        if self.learner.prompts_per_step % self.learner.workers:
+            raise ValueError("learner.prompts_per_step must be a multiple of learner.workers")
         return self
 
 
@@ -238,3 +250,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def add_config_args(parser) -> None:
+    """The --config / --set pair every config-driven command takes (an argparse parser)."""
+    parser.add_argument("--config", help="YAML experiment config (default: the embedded tiny default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set learner.lr=1e-5 (repeatable)")

@@ -20,7 +20,11 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from egrpo_ray.config import ConfigError, RewardConfig
+from egrpo_ray.algo.sampler import sample_ode
+from egrpo_ray.algo.schedule import shifted_sigmas
+from egrpo_ray.config import ConfigError, ExperimentConfig, RewardConfig
+from egrpo_ray.models.base import Policy, policy_device
+from egrpo_ray.training import RewardFn
 
 TABLE_ORDER = ("hps", "clip", "pickscore", "imagereward")
 COLUMN_NAMES = {"hps": "HPS", "clip": "CLIP", "pickscore": "PickScore", "imagereward": "ImageReward"}
@@ -61,8 +65,6 @@ def evaluate(
 ) -> dict:
     """Sample every prompt once by ODE, score with every reward, write eval.json, eval_table.md and
     eval_grid.png. Returns the eval.json content."""
-    from egrpo_ray.algo.sampler import sample_ode
-    from egrpo_ray.algo.schedule import shifted_sigmas
     from egrpo_ray.outputs import save_grid
 
     prompts = list(prompts)
@@ -253,3 +255,21 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result["rewards"], label), end="")
     print(f"wrote {Path(output_dir) / 'eval.json'}, eval_table.md, eval_grid.png")
     return 0
+
+
+# Held-out scoring during training (the learner's before/after and periodic grids).
+@torch.no_grad()
+def heldout_images(policy: Policy, prompts: Sequence[str], cfg: ExperimentConfig, seed: int, max_batch: int = 64) -> torch.Tensor:
+    """Deterministic ODE samples of fixed prompts from a fixed noise seed (comparable across runs)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *policy.latent_shape), generator=g).to(policy_device(policy))
+    cond = policy.encode_prompts(prompts)
+    latents = sample_ode(policy, cond, noise, shifted_sigmas(cfg.sampling.steps, cfg.sampling.shift), max_batch)
+    return policy.decode(latents).cpu()
+
+
+def heldout_reward(policy: Policy, prompts: Sequence[str], reward_fn: RewardFn, cfg: ExperimentConfig, seed: int) -> tuple[float, torch.Tensor]:
+    images = heldout_images(policy, prompts, cfg, seed)
+    scores = reward_fn(images, prompts)
+    weights = {r.name: r.weight for r in cfg.rewards}
+    return float(sum(weights[k] * v for k, v in scores.items()).mean()), images

@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from egrpo_ray.images import to_float, to_uint8
+
 
 class MetricsWriter:
     """Appends one JSON object per learner step (resumed runs keep appending)."""
@@ -29,7 +31,7 @@ class MetricsWriter:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> Path:
-    """Tile images [B, 3, H, W] in [0, 1] into one PNG (upscaled by ``scale`` for small images)."""
+    """Tile images [B, 3, H, W] (float in [0, 1] or uint8) into one PNG (upscaled by ``scale`` for small images)."""
     from PIL import Image
 
     b, _, h, w = images.shape
@@ -38,9 +40,8 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
     grid = torch.ones(3, rows * (h + 2), cols * (w + 2))
     for k in range(b):
         r, c = divmod(k, cols)
-        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = images[k].float().clamp(0, 1)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    img = Image.fromarray(arr)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = to_float(images[k]).clamp(0, 1)
+    img = Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy())
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)

@@ -1,4 +1,6 @@
-"""Prompt lists from files: HPD-style train and test sets.
+"""Prompts: the train/held-out split, the deterministic prompt stream, and prompt lists from files.
+
+Files are HPD-style train and test sets:
 
 - ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped; surrounding
   whitespace is stripped.
@@ -11,9 +13,12 @@ empty list, an undecodable file, a malformed JSON line, a record without a promp
 from __future__ import annotations
 
 import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from egrpo_ray.config import ConfigError
+from egrpo_ray.config import ConfigError, PromptsConfig
 
 PROMPT_FIELDS = ("prompt", "caption")
 
@@ -77,3 +82,47 @@ def load_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise ConfigError(f"{p}: no prompts in file")
     return prompts
+
+
+def prompt_splits(cfg: PromptsConfig) -> tuple[list[str], list[str]]:
+    """(train prompts, held-out prompts) from the configured source."""
+    if cfg.source == "tiny":
+        from egrpo_ray.tasks.shapes import heldout_prompts, train_prompts
+
+        return list(train_prompts()), list(heldout_prompts())[: cfg.heldout_count]
+    train = load_prompt_file(cfg.train_path)
+    test = load_prompt_file(cfg.test_path) if cfg.test_path else train
+    return train, test[: cfg.heldout_count]
+
+
+def train_probe(train_prompts: Sequence[str], count: int = 24) -> list[str]:
+    """A fixed, evenly spread subset of the training prompts: scored before and after (ODE, fixed
+    noise) it tells whether training-prompt reward went up, without per-step prompt noise."""
+    return list(train_prompts[:: max(1, len(train_prompts) // count)][:count])
+
+
+@dataclass
+class PromptCursor:
+    """Deterministic prompt stream: a seeded shuffle per epoch, resumable from (epoch, position)."""
+
+    prompts: list[str]
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    def _shuffle(self) -> None:
+        self._order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(self._order)
+
+    def take(self, n: int) -> list[str]:
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._shuffle()
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._shuffle()
+            out.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return out

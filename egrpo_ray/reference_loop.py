@@ -14,12 +14,13 @@ import torch
 from tqdm import tqdm
 
 from egrpo_ray.algo.strategies import build_strategy
-from egrpo_ray.config import ExperimentConfig, load_config
+from egrpo_ray.config import ExperimentConfig, add_config_args, load_config
 from egrpo_ray.models import build_policy
 from egrpo_ray.outputs import MetricsWriter, save_grid
 from egrpo_ray.rewards import build_reward
-from egrpo_ray.training import (PromptCursor, heldout_reward, learn, make_reward_fn, prompt_splits, sample_and_score,
-                                train_probe)
+from egrpo_ray.evaluate import heldout_reward
+from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe
+from egrpo_ray.training import learn, make_reward_fn, sample_and_score
 
 
 def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_dir: str | None = None,
@@ -74,8 +75,6 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    from egrpo_ray.cli import add_config_args
-
     p = sub.add_parser("reference", help="run the single-process reference loop (no Ray)")
     add_config_args(p)
     p.add_argument("--iterations", type=int, help="learner steps (default: learner.iterations)")

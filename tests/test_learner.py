@@ -4,7 +4,7 @@ import torch
 from egrpo_ray.algo.advantages import combine_rewards, group_advantages
 from egrpo_ray.algo.loss import grpo_loss, score_rows
 from egrpo_ray.algo.strategies import STRATEGIES, build_strategy
-from egrpo_ray.algo.update import grpo_update
+from egrpo_ray.algo.update import UpdateSettings, grpo_update
 from egrpo_ray.config import AlgorithmConfig, SamplingConfig
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -57,8 +57,9 @@ def test_ratio_is_exactly_one_with_identical_weights(toy_policy, name):
     assert out.ratio_mean == 1.0 and out.clip_fraction == 0.0
     # and the update's first minibatch, recompute mode, is exactly on-policy too
     opt = torch.optim.SGD(toy_policy.parameters(), lr=0.0)
-    stats = grpo_update(toy_policy, cond, r, adv, strategy.kernel, AlgorithmConfig(old_logprob="recompute"), opt,
-                        toy_policy.parameters(), 3, 1, 1.0, torch.Generator().manual_seed(0))
+    settings = UpdateSettings(clip_range=1e-4, old_logprob="recompute", kl_beta=0.0, rows_per_minibatch=3, epochs=1,
+                              grad_clip=1.0)
+    stats = grpo_update(toy_policy, cond, r, adv, strategy.kernel, settings, opt, torch.Generator().manual_seed(0))
     assert stats.ratio_mean_first == 1.0
     assert stats.logprob_mismatch < 1e-4  # the sampler's own log-probs agree to float32 precision
 

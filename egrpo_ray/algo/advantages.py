@@ -1,4 +1,4 @@
-"""Group-relative advantages (egrpo-algorithm.md section 5).
+"""Group-relative advantages (docs/algorithm.md section 5).
 
 A_k = (R_k - mean(R)) / (std(R) + eps) within each group, clipped to +-clip. std is the population
 std (numpy's default, as Flow-GRPO). A group whose rewards have no spread carries no signal: it is
@@ -23,9 +23,6 @@ class Advantages:
     @property
     def zero_std_ratio(self) -> float:
         return self.zero_std_count / max(1, len(self.valid_group))
-
-    def sample_valid(self, sample_group: torch.Tensor) -> torch.Tensor:
-        return self.valid_group[sample_group]
 
 
 def _group_stats(rewards: torch.Tensor, group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Step entropy and merge plans (egrpo-algorithm.md section 3).
+"""Step entropy and merge plans (docs/algorithm.md section 3).
 
 One SDE step is Gaussian with covariance std^2 I, so its per-dimension entropy power is
 E(i, l) = exp(h/d) = sqrt(2 pi e) * sigma_i * sqrt(s_i - s_{i+l}). The paper gives the threshold

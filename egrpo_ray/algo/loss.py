@@ -11,9 +11,8 @@ from typing import Optional
 import torch
 
 from egrpo_ray.algo.advantages import Advantages
-from egrpo_ray.algo.sampler import Rollout, StepKernel, VelocityFn
+from egrpo_ray.algo.sampler import Conditioning, Rollout, StepKernel, VelocityFn, index_cond
 from egrpo_ray.algo.sde import gaussian_log_prob, sde_mean_std
-from egrpo_ray.models.base import Conditioning, index_cond
 
 
 @dataclass

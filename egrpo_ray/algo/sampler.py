@@ -1,6 +1,6 @@
 """Rollout samplers over any velocity function ``(latents, sigma, conditioning) -> velocity``.
 
-``branching_rollout`` is E-GRPO's (egrpo-algorithm.md section 4): one initial noise per prompt, a
+``branching_rollout`` is E-GRPO's (docs/algorithm.md section 4): one initial noise per prompt, a
 deterministic ODE anchor, and per plan entry (i, l) G branches that share ONE merged SDE transition
 from the anchor latent at i, then finish by ODE. ``trajectory_rollout`` serves the baselines
 (DanceGRPO, Flow-GRPO, MixGRPO): G full trajectories per prompt from a shared initial noise, SDE on
@@ -19,9 +19,14 @@ import torch
 
 from egrpo_ray.algo.entropy import MergePlan
 from egrpo_ray.algo.sde import SdeKind, flow_sigma, ode_step, sde_step
-from egrpo_ray.models.base import Conditioning, index_cond
+# The sampler's calling contract, which every policy adapter (models/) implements.
+Conditioning = dict[str, torch.Tensor]  # batch-first tensors; index_cond slices every entry alike
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]  # (latents, sigma, cond) -> velocity
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+
+def index_cond(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
+    """Select (or repeat, with a repeating index) rows of every conditioning tensor."""
+    return {k: v[index] for k, v in cond.items()}
 
 
 @dataclass(frozen=True)

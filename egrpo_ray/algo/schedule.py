@@ -1,4 +1,4 @@
-"""The shifted flow-matching noise schedule (egrpo-algorithm.md section 1)."""
+"""The shifted flow-matching noise schedule (docs/algorithm.md section 1)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """One denoising transition: the ODE (Euler) step, the Flow-GRPO SDE step and the DanceGRPO SDE step.
 
-All step math runs in float32 whatever the model's dtype (egrpo-algorithm.md section 2): latents and
+All step math runs in float32 whatever the model's dtype (docs/algorithm.md section 2): latents and
 velocities are cast up before use. A step goes from s_i to s_j (j > i), so ``ds = s_j - s_i < 0``; a
 merged step of l schedule steps is the same formula with j = i + l and sigma evaluated at s_i.
 """

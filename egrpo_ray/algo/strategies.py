@@ -1,4 +1,4 @@
-"""E-GRPO and the baselines as strategies of one machinery (egrpo-algorithm.md section 7).
+"""E-GRPO and the baselines as strategies of one machinery (docs/algorithm.md section 7).
 
 A strategy decides how a prompt's samples are drawn and which transitions carry credit:
 - egrpo:     entropy-merged branching from the ODE anchor; groups = (prompt, entry)
@@ -11,15 +11,17 @@ The learner is the same for all: rows of (start latent, step) with their branche
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from egrpo_ray.algo.entropy import MergePlan, build_plan, rollout_forwards
-from egrpo_ray.algo.sampler import Rollout, StepKernel, VelocityFn, branching_rollout, initial_noise, trajectory_rollout
+from egrpo_ray.algo.sampler import (Conditioning, Rollout, StepKernel, VelocityFn, branching_rollout, initial_noise,
+                                    trajectory_rollout)
 from egrpo_ray.algo.schedule import shifted_sigmas
-from egrpo_ray.config import AlgorithmConfig, SamplingConfig
-from egrpo_ray.models.base import Conditioning
+
+if TYPE_CHECKING:  # the config sections are read by attribute: algo never imports pydantic at run time
+    from egrpo_ray.config import AlgorithmConfig, SamplingConfig
 
 
 class Strategy(ABC):
@@ -53,9 +55,6 @@ class Strategy(ABC):
     def forwards_per_prompt(self, iteration: int = 0) -> int:
         """Image-step forwards the rollout of one prompt costs."""
 
-    def describe(self) -> str:
-        return f"{self.name}: {self.sampling.steps} steps, shift {self.sampling.shift}, G = {self.group_size}"
-
 
 class BranchingStrategy(Strategy):
     """E-GRPO (and G^2RPO with tau = 0): branch G merged SDE steps off the ODE anchor."""
@@ -74,9 +73,6 @@ class BranchingStrategy(Strategy):
 
     def forwards_per_prompt(self, iteration: int = 0) -> int:
         return rollout_forwards(self.plan, self.group_size)
-
-    def describe(self) -> str:
-        return f"{super().describe()}, plan {self.plan}"
 
 
 class G2RPO(BranchingStrategy):

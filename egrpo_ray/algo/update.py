@@ -3,15 +3,31 @@ reference loop and the Ray Train learner (which passes a DDP-wrapped velocity fu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Literal, Optional
 
 import torch
 
 from egrpo_ray.algo.advantages import Advantages
 from egrpo_ray.algo.loss import grpo_loss, score_rows
-from egrpo_ray.algo.sampler import Rollout, StepKernel, VelocityFn
-from egrpo_ray.config import AlgorithmConfig
-from egrpo_ray.models.base import Conditioning
+from egrpo_ray.algo.sampler import Conditioning, Rollout, StepKernel, VelocityFn
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The numbers one update needs, gathered from the algorithm and learner config sections."""
+
+    clip_range: float
+    old_logprob: Literal["rollout", "recompute"]
+    kl_beta: float
+    rows_per_minibatch: int
+    epochs: int
+    grad_clip: float
+
+    @classmethod
+    def from_config(cls, algorithm, learner) -> "UpdateSettings":
+        """From config.AlgorithmConfig and config.LearnerConfig (read by attribute: no pydantic here)."""
+        return cls(algorithm.clip_range, algorithm.old_logprob, algorithm.kl_beta, learner.minibatch_rows,
+                   learner.epochs, learner.grad_clip)
 
 
 @dataclass
@@ -37,38 +53,35 @@ def grpo_update(
     batch: Rollout,
     advantages: Advantages,
     kernel: StepKernel,
-    algorithm: AlgorithmConfig,
+    settings: UpdateSettings,
     optimizer: torch.optim.Optimizer,
-    params: Iterable[torch.nn.Parameter],
-    rows_per_minibatch: int,
-    epochs: int,
-    grad_clip: float,
     generator: torch.Generator,
     ref_fn: Optional[VelocityFn] = None,
     parts: Optional[list[torch.Tensor]] = None,
 ) -> UpdateStats:
-    """Clipped-surrogate updates over the batch's rows, ``epochs`` passes of the same minibatches.
+    """Clipped-surrogate updates of the optimizer's parameters over the batch's rows, ``epochs`` passes
+    of the same minibatches.
 
     The row partition is fixed for the whole update so that the "recompute" old log-probs come from
     forwards of exactly the minibatches the gradient passes see (bit-identical on-policy).
     ``parts`` overrides the partition (DDP needs the same count of minibatches on every rank).
     """
-    params = [p for p in params if p.requires_grad]
-    parts = parts if parts is not None else minibatches(len(batch.step_index), rows_per_minibatch, generator)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    parts = parts if parts is not None else minibatches(len(batch.step_index), settings.rows_per_minibatch, generator)
     with torch.no_grad():
         learner_old = [score_rows(fn, cond, batch.select_rows(rows), kernel).log_probs for rows in parts]
     mismatch = max(float((lp - batch.old_log_probs[rows.to(lp.device)]).abs().max()) for lp, rows in zip(learner_old, parts))
     losses, ratios, clips, kls, norms = [], [], [], [], []
-    for _ in range(epochs):
+    for _ in range(settings.epochs):
         for rows, old in zip(parts, learner_old):
             out = grpo_loss(
-                fn, cond, batch.select_rows(rows), advantages, kernel, algorithm.clip_range,
-                old_log_probs=old if algorithm.old_logprob == "recompute" else None,
-                kl_beta=algorithm.kl_beta, ref_fn=ref_fn,
+                fn, cond, batch.select_rows(rows), advantages, kernel, settings.clip_range,
+                old_log_probs=old if settings.old_logprob == "recompute" else None,
+                kl_beta=settings.kl_beta, ref_fn=ref_fn,
             )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)))
             optimizer.step()
             losses.append(float(out.loss.detach()))
             ratios.append(out.ratio_mean)

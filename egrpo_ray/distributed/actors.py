@@ -94,13 +94,10 @@ class WeightStore:
     def __init__(self):
         self.version = -1
         self.ref = None
-        self.publish_seconds = 0.0
 
     def publish(self, version: int, weights: dict) -> None:
-        t0 = time.perf_counter()
         self.ref = ray.put(weights)  # this actor owns the object
         self.version = version
-        self.publish_seconds = time.perf_counter() - t0
 
     def latest_version(self) -> int:
         return self.version
@@ -118,7 +115,6 @@ class RunLog:
         self.records: list[dict] = []
         self.images: list[tuple[int, str, object]] = []
         self.stop_requested = False
-        self.events: list[str] = []
 
     def record(self, metrics: dict) -> None:
         self.records.append(metrics)
@@ -128,9 +124,6 @@ class RunLog:
 
     def since(self, n_records: int, n_images: int) -> tuple[list[dict], list]:
         return self.records[n_records:], self.images[n_images:]
-
-    def event(self, text: str) -> None:
-        self.events.append(text)
 
     def request_stop(self) -> None:
         self.stop_requested = True

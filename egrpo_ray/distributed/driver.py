@@ -9,9 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from egrpo_ray.config import ConfigError, ExperimentConfig, dump_config, load_config
+from egrpo_ray.config import ConfigError, ExperimentConfig, add_config_args, dump_config, load_config
 from egrpo_ray.outputs import MetricsWriter, latest_checkpoint, plot_reward_curve, save_grid
 
 
@@ -42,8 +43,6 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
 
     out = Path(output_dir or cfg.logging.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.learner.prompts_per_step % cfg.learner.workers:
-        raise ConfigError("learner.prompts_per_step must be a multiple of learner.workers")
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint under {out / 'checkpoints'}")
@@ -163,9 +162,7 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
                               f"zero-std {r['zero_std_ratio']:.2f}  ratio {r['ratio_mean']:.5f}  clip {r['clip_fraction']:.3f}  "
                               f"staleness {r['staleness_mean']:.2f}  queue {r['queue_depth']}  {r['images_per_s']:.1f} img/s")
             for step, tag, arr in images:
-                import torch
-
-                save_grid(torch.tensor(arr).float() / 255, out / "grids" / f"heldout_{tag}.png", scale=4)
+                save_grid(torch.from_numpy(arr), out / "grids" / f"heldout_{tag}.png", scale=4)
             if not alive:
                 break
             time.sleep(0.5)
@@ -196,8 +193,6 @@ def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, sta
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    from egrpo_ray.cli import add_config_args
-
     p = sub.add_parser("train", help="run E-GRPO as the Ray actor-learner service")
     add_config_args(p)
     p.add_argument("--output-dir", help="run directory (default: logging.output_dir)")

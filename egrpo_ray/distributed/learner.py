@@ -15,14 +15,16 @@ import torch
 import torch.distributed as dist
 
 from egrpo_ray.algo.strategies import build_strategy
-from egrpo_ray.algo.update import minibatches
 from egrpo_ray.config import ExperimentConfig
-from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles, to_uint8
+from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles
+from egrpo_ray.images import to_uint8
 from egrpo_ray.models import build_policy
 from egrpo_ray.outputs import load_checkpoint, save_checkpoint
-from egrpo_ray.training import heldout_reward, learn, prompt_splits, train_probe
+from egrpo_ray.evaluate import heldout_reward
+from egrpo_ray.prompts import prompt_splits, train_probe
+from egrpo_ray.training import learn
 
-AVERAGED = ("reward_mean", "reward_std", "zero_std_ratio", "ratio_mean", "ratio_mean_first", "clip_fraction", "kl", "loss")
+MAXED = ("grad_norm", "logprob_mismatch")  # worst rank; "groups" and "samples" add up; the rest average
 
 
 def _collective(value: float, op: str) -> float:
@@ -33,15 +35,17 @@ def _collective(value: float, op: str) -> float:
     return float(t)
 
 
-def _average_metrics(metrics: dict, world: int) -> dict:
+def _reduce_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Every rank's step metrics -> one record: two collectives, whatever the number of metrics."""
     if world == 1:
         return metrics
-    out = dict(metrics)
-    for k in AVERAGED:
-        out[k] = _collective(metrics[k], "sum") / world
-    out["grad_norm"] = _collective(metrics["grad_norm"], "max")
-    out["logprob_mismatch"] = _collective(metrics["logprob_mismatch"], "max")
-    return out
+    names = list(metrics)  # the same order on every rank
+    values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64)
+    summed, maxed = values.clone(), values.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+    added = ("groups", "samples")
+    return {k: float(maxed[i] if k in MAXED else summed[i] if k in added else summed[i] / world) for i, k in enumerate(names)}
 
 
 def learner_loop(config: dict[str, Any]) -> None:
@@ -78,7 +82,7 @@ def learner_loop(config: dict[str, Any]) -> None:
     def report_heldout(tag: str) -> None:
         value, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
         train_value, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
-        log.add_images.remote(step, tag, to_uint8(images))
+        log.add_images.remote(step, tag, to_uint8(images).numpy())
         log.record.remote({"event": "heldout", "tag": tag, "step": step, "policy_version": version,
                            "heldout_reward": value, "train_probe_reward": train_value})
 
@@ -99,7 +103,7 @@ def learner_loop(config: dict[str, Any]) -> None:
                 have = sum(it.num_prompts for it in pending)
             stop = ray.get(log.should_stop.remote()) or ray.get(queue.is_closed.remote())
             if _collective(float(stop), "max") > 0:
-                return _finish(rank, log, "stopped")
+                return
             if _collective(float(have >= share), "min") > 0:
                 break
         items, taken = [], 0
@@ -112,7 +116,7 @@ def learner_loop(config: dict[str, Any]) -> None:
         n_parts = int(_collective(float(-(-rows // cfg.learner.minibatch_rows)), "max"))
         parts = list(torch.tensor_split(torch.randperm(rows, generator=generator), n_parts))
         metrics = learn(fn, policy, items, cfg, strategy, optimizer, generator, parts=parts)
-        metrics = _average_metrics(metrics, world)
+        metrics = _reduce_metrics(metrics, world)
         staleness = [version - it.policy_version for it in items]
         step, version = step + 1, version + 1
         if rank == 0:
@@ -125,7 +129,7 @@ def learner_loop(config: dict[str, Any]) -> None:
                 step=step, policy_version=version, staleness_mean=sum(staleness) / len(staleness),
                 staleness_max=max(staleness), queue_depth=qstats["depth"], queue_wait_s=queue_wait,
                 weight_publish_s=now - t_pub, step_seconds=now - t_last,
-                images_per_s=metrics["samples"] * world / max(now - t_last, 1e-9),
+                images_per_s=metrics["samples"] / max(now - t_last, 1e-9),
                 dropped_stale=qstats.get("dropped_stale", 0) + qstats.get("dropped_stale_on_put", 0),
             )
             t_last = now
@@ -139,7 +143,6 @@ def learner_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         ray.get(queue.close.remote())  # stop the rollout workers: the cores go to the final evaluation
         report_heldout("after")
-    _finish(rank, log, "done")
 
 
 def _checkpoint(output_dir, step, version, policy, optimizer, generator, queue, cfg) -> None:
@@ -148,8 +151,3 @@ def _checkpoint(output_dir, step, version, policy, optimizer, generator, queue, 
     save_checkpoint(output_dir, step, policy.trainable_state(), optimizer,
                     meta={"policy_version": version, "prompt_batches_by_worker": produced, "strategy": cfg.algorithm.strategy},
                     extra={"learner_generators": [generator.get_state()]})
-
-
-def _finish(rank: int, log, status: str) -> None:
-    if rank == 0:
-        ray.get(log.event.remote(status))

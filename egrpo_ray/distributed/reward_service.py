@@ -16,17 +16,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from egrpo_ray.config import ExperimentConfig, RewardConfig
+from egrpo_ray.config import ExperimentConfig, RewardConfig, add_config_args
+from egrpo_ray.images import to_uint8
 
 APP_PREFIX = "egrpo-reward-"
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0
 
 
 class BadRequest(ValueError):
@@ -81,7 +74,7 @@ class RewardDeployment:
         images = np.concatenate([c[0] for c in chunks])
         prompts = [p for c in chunks for p in c[1]]
         with torch.no_grad():
-            scores = self.reward(from_uint8(images), prompts).float().numpy()
+            scores = self.reward(torch.from_numpy(np.ascontiguousarray(images)), prompts).float().numpy()
         out, start = [], 0
         for c in chunks:
             out.append(scores[start : start + len(c[1])])
@@ -136,7 +129,7 @@ def remote_reward_fn(handles: dict[str, object]):
     """A RewardFn (training.py) that scores through the Serve handles, all rewards in parallel."""
 
     def score(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        arr = to_uint8(images)
+        arr = to_uint8(images).cpu().numpy()
         pending = {name: h.score.remote(arr, list(prompts)) for name, h in handles.items()}
         return {name: torch.tensor(np.asarray(resp.result(), dtype=np.float32)) for name, resp in pending.items()}
 
@@ -144,8 +137,6 @@ def remote_reward_fn(handles: dict[str, object]):
 
 
 def add_subcommand(sub) -> None:
-    from egrpo_ray.cli import add_config_args
-
     p = sub.add_parser("serve-rewards", help="serve the config's reward models over HTTP (127.0.0.1 unless configured)")
     add_config_args(p)
     p.set_defaults(func=run_serve)

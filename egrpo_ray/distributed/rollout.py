@@ -11,7 +11,8 @@ from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.config import ExperimentConfig
 from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles
 from egrpo_ray.models import build_policy
-from egrpo_ray.training import PromptCursor, prompt_splits, sample_and_score
+from egrpo_ray.prompts import PromptCursor, prompt_splits
+from egrpo_ray.training import sample_and_score
 
 
 def batch_seed(seed: int, worker: int, batch: int) -> int:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from egrpo_ray.config import ModelConfig
-from egrpo_ray.models.base import Conditioning, Policy, index_cond
+from egrpo_ray.models.base import Policy
 
-__all__ = ["Conditioning", "Policy", "build_policy", "index_cond"]
+__all__ = ["Policy", "build_policy"]
 
 
 def build_policy(cfg: ModelConfig) -> Policy:

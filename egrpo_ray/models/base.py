@@ -12,12 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-Conditioning = dict[str, torch.Tensor]  # batch-first tensors; index_cond slices every entry alike
-
-
-def index_cond(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
-    """Select (or repeat, with a repeating index) rows of every conditioning tensor."""
-    return {k: v[index] for k, v in cond.items()}
+from egrpo_ray.algo.sampler import Conditioning
 
 
 class Policy(nn.Module, ABC):
@@ -41,9 +36,6 @@ class Policy(nn.Module, ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W], float in [0, 1]."""
 
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self(latents, sigma, cond)
-
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights that training changes (all of them, or only LoRA): what weight sync ships."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
@@ -53,3 +45,7 @@ class Policy(nn.Module, ABC):
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
+
+
+def policy_device(policy: nn.Module) -> torch.device:
+    return next(policy.parameters()).device

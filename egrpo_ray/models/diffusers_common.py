@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from egrpo_ray.config import LoraConfig, ModelConfig
-from egrpo_ray.models.base import Conditioning, Policy
+from egrpo_ray.algo.sampler import Conditioning
+from egrpo_ray.models.base import Policy
 
 TRAINABLE_FILE = "trainable_state.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name

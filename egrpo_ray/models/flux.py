@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from egrpo_ray.config import ModelConfig
-from egrpo_ray.models.base import Conditioning
+from egrpo_ray.algo.sampler import Conditioning
 from egrpo_ray.models.diffusers_common import DiffusersPolicy, check_model_path, tokenizer_limit, torch_dtype
 
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from egrpo_ray.config import ModelConfig
-from egrpo_ray.models.base import Conditioning, Policy
+from egrpo_ray.algo.sampler import Conditioning
+from egrpo_ray.models.base import Policy
 from egrpo_ray.tasks import shapes
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"

@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from egrpo_ray.config import RewardConfig
+from egrpo_ray.images import to_float
 from egrpo_ray.rewards.base import Reward
 from egrpo_ray.tasks import shapes
 
@@ -49,7 +50,7 @@ RAMP_LO, RAMP_HI = 0.2, 0.7
 
 def _membership(images: torch.Tensor, colours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(target-colour mask, brightness mask), each [B,H,W] in [0, 1], after the soft threshold ramp."""
-    x = images.float().clamp(0, 1)
+    x = images.clamp(0, 1)
     B = x.shape[0]
     c = colours.float().view(B, 3, 1, 1) > 0.5
     on = torch.where(c, x, torch.ones_like(x)).amin(dim=1)  # the asked channels: the dimmest of them
@@ -159,7 +160,7 @@ class AlignmentReward(Reward):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         if images.shape[2] != images.shape[3]:
             raise ValueError("the shapes task renders square images")
-        images = images.detach().float().cpu()
+        images = to_float(images.detach().cpu())
         specs = [shapes.parse_prompt(p) for p in prompts]
         idx = torch.tensor([s.index for s in specs], dtype=torch.long)
         cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])

@@ -8,7 +8,8 @@ import torch
 
 
 class Reward(ABC):
-    """A reward model. ``images`` are [B, 3, H, W] float in [0, 1]; returns [B] float32 on the CPU."""
+    """A reward model. ``images`` are [B, 3, H, W], float in [0, 1] or uint8 (egrpo_ray/images.py);
+    returns [B] float32 on the CPU."""
 
     name: str = "reward"
 

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from egrpo_ray.config import RewardConfig
+from egrpo_ray.images import to_uint8
 from egrpo_ray.rewards.base import Reward
 
 
 def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
-    """[B, 3, H, W] float in [0, 1] -> list of HxWx3 uint8 arrays (what a saved PNG holds)."""
-    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    """[B, 3, H, W] images -> list of HxWx3 uint8 arrays (what a saved PNG holds)."""
+    x = to_uint8(images).cpu()
     return [im.permute(1, 2, 0).numpy() for im in x]
 
 

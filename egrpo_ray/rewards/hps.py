@@ -22,12 +22,13 @@ the preprocessing then uses that model's image size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from egrpo_ray.config import RewardConfig
+from egrpo_ray.images import to_float, to_uint8
 from egrpo_ray.rewards.base import Reward
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,7 +37,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
     """What saving as an 8-bit image and reading it back with ToTensor does to a float image in [0, 1]."""
-    return (images.clamp(0, 1) * 255).round() / 255
+    return to_float(to_uint8(images))
 
 
 def clip_val_transform(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
@@ -126,7 +127,7 @@ class HPSv21Reward(Reward):
             raise ValueError(f"hps: {len(images)} images but {len(prompts)} prompts")
         scores = []
         for a in range(0, len(images), self.batch_size):
-            x = images[a : a + self.batch_size].to(self.device, torch.float32)
+            x = to_float(images[a : a + self.batch_size].to(self.device))
             if self.quantize:
                 x = quantize_8bit(x)
             x = clip_val_transform(x, self.image_size)

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from egrpo_ray.config import RewardConfig
+from egrpo_ray.images import to_uint8
 from egrpo_ray.rewards.base import Reward
 from egrpo_ray.rewards.hps import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_checkpoint_state
 
@@ -304,7 +305,7 @@ class ImageRewardModel(Reward):
             T.ToTensor(),
             T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ])
-        x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        x = to_uint8(images).cpu()
         return torch.stack([tf(Image.fromarray(im.permute(1, 2, 0).numpy())) for im in x])
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from egrpo_ray.config import RewardConfig
+from egrpo_ray.images import to_uint8
 from egrpo_ray.rewards.base import Reward
 
 
@@ -37,6 +38,6 @@ class JpegCompressibility(Reward):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        arr = to_uint8(images).cpu().permute(0, 2, 3, 1).contiguous().numpy()
         sizes = [jpeg_size_bytes(a, self.quality) for a in arr]
         return -torch.tensor(sizes, dtype=torch.float32) / 1000.0
