@@ -6,11 +6,16 @@ Measures, in one process (about 2-3 minutes on an H100):
    E-GRPO's ``branching_rollout`` (1 prompt, G = 8, the paper's merge plan, max_batch 8, mixed
    timesteps in a batch), as ms per image-step and the ratio to (1) (target: within 10 %);
 3. one learner step (``egrpo_ray.training.learn``: recompute old log-probs, clipped surrogate,
-   backward, optimizer step) on that rollout's 5 (prompt, entry) rows with gradient checkpointing:
-   full fine-tune (AdamW when the GPU has > 120 GB, else SGD: AdamW's two bf16 moments add 48 GB that an
-   80 GB H100 cannot hold next to 24 GB of weights and 24 GB of gradients), then LoRA (rank 64 on every
-   attention projection, AdamW);
-4. peak GPU memory of each phase.
+   backward, optimizer step) on that rollout's 5 (prompt, entry) rows with gradient checkpointing,
+   LoRA (rank 64 on every attention projection, AdamW);
+4. a 1-rank FSDP full fine-tune step (egrpo_ray/parallel.py: float32 master weights, bf16 compute, AdamW)
+   on a FLUX-width transformer with fewer blocks (the full 12B needs 16 B/param = 192 GB on one rank; the
+   paper's setting shards it over 8 ranks), its peak memory against ``egrpo-ray plan --memory``'s
+   estimate for the same model (egrpo_ray/memory_plan.py);
+5. the collective weight sync (egrpo_ray/distributed/weight_sync.py) of the full bf16 FLUX.1-dev
+   transformer (~24 GB) between two processes, run first while the GPU is empty: nccl (NCCL refuses two
+   ranks on one GPU, so on a one-GPU machine this records its error) and gloo through host memory;
+6. peak GPU memory of each phase.
 
 cuDNN attention stays off (torch 2.11 crashed with an illegal memory access in forward+backward with
 gradient checkpointing); flash / memory-efficient SDPA are used.
@@ -110,6 +115,135 @@ def random_cond(n: int, seq: int, dims: dict, device, dtype, seed: int = 0):
     }
 
 
+def _init_single_rank_group(device) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from egrpo_ray.distributed.cluster import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> dict:
+    """Two learner steps of a 1-rank FSDP full fine-tune; peak memory against the memory plan."""
+    import torch.distributed as dist
+
+    from egrpo_ray.memory_plan import learner_memory, policy_parts
+    from egrpo_ray.parallel import prepare_for_training
+    from egrpo_ray.training import learn
+
+    double, single = args.fsdp_blocks
+    small = {**dims, "num_layers": double, "num_single_layers": single}
+    _init_single_rank_group(device)
+    try:
+        policy, model_cfg = make_policy(build_transformer(small, device, torch.bfloat16), args.resolution, lora=False)
+        policy.cache.put(prompts, cond)
+        fn = prepare_for_training(policy, "fsdp", torch.bfloat16, device)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-6, weight_decay=1e-4)
+        cfg = exp.model_copy(update={"model": model_cfg, "learner": exp.learner.model_copy(
+            update={"parallelism": "fsdp", "workers": 1, "num_gpus": 1.0 if device.type == "cuda" else 0.0})})
+        reset_peak(device)
+        seconds = []
+        for k in range(2):  # the second step holds AdamW's moments
+            sync(device)
+            t = time.perf_counter()
+            stats = learn(fn, policy, [item], cfg, strategy, opt, torch.Generator().manual_seed(3 + k))
+            sync(device)
+            seconds.append(round(time.perf_counter() - t, 2))
+        measured = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        plan = learner_memory(cfg, policy_parts(cfg.model, transformer_config=small, with_frozen=False))
+        out = {"blocks": [double, single], "params_b": round(sum(p.numel() for p in params) / 1e9, 3),
+               "seconds": seconds, "ratio_mean_first": stats["ratio_mean_first"], "grad_norm": stats["grad_norm"],
+               "peak_gib": peak_gib(device), "plan_gib": round(plan.per_gpu / 2**30, 2),
+               "plan_phases_gib": {k: round(v / 2**30, 2) for k, v in plan.phases.items()}}
+        if measured:
+            out["plan_error"] = round(plan.per_gpu / measured - 1, 3)  # the target: within +-0.15
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_rank(rank: int, port: int, dims: dict, device_type: str, backend: str, bucket_mb: int, result) -> None:
+    """One side of a weight sync: rank 0 sends random bf16 weights of the transformer's shapes, rank 1
+    receives them into staging and applies them to its own copy; both report seconds and a checksum."""
+    from diffusers import FluxTransformer2DModel
+
+    from egrpo_ray.distributed.weight_sync import BucketReceiver, BucketSender, SyncGroup, TensorSpec, bucket_layout, open_store
+
+    try:
+        device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
+        with torch.device("meta"):
+            shapes = [(n, tuple(p.shape)) for n, p in FluxTransformer2DModel(**dims).named_parameters()]
+        specs = [TensorSpec(n, s, torch.bfloat16) for n, s in shapes]
+        layout = bucket_layout(specs, bucket_mb << 20)
+        g = torch.Generator(device).manual_seed(0)
+        weights = {n: torch.randn(s, generator=g, device=device, dtype=torch.bfloat16) if rank == 0
+                   else torch.zeros(s, device=device, dtype=torch.bfloat16) for n, s in shapes}
+        group = SyncGroup(open_store("127.0.0.1", port, rank, 2, 120), rank, 2, backend,
+                          device if backend == "nccl" else None, 120)
+        sync(device)
+        t0 = time.perf_counter()
+        if rank == 0:
+            sender = BucketSender(group, specs, layout)
+            for n, _ in shapes:
+                sender.add(n, weights[n])
+            sender.finish()
+        else:
+            receiver = BucketReceiver(group, layout)
+            receiver.receive()
+            t_received = time.perf_counter()
+            receiver.apply(weights)
+        sync(device)
+        t1 = time.perf_counter()
+        checksum = float(sum(w.float().sum() for w in weights.values()))
+        out = {"rank": rank, "seconds": round(t1 - t0, 3), "checksum": checksum}
+        if rank == 1:
+            out["receive_seconds"] = round(t_received - t0, 3)
+        result.put(out)
+    except Exception as err:  # reported, not raised: the other phases still run
+        result.put({"rank": rank, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+
+
+def weight_sync_two_processes(dims: dict, device, backend: str, bucket_mb: int = 256) -> dict:
+    import multiprocessing as mp
+
+    from egrpo_ray.distributed.cluster import free_port
+
+    ctx = mp.get_context("spawn")
+    result, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_sync_rank, args=(r, port, dims, device.type, backend, bucket_mb, result)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    reports = []
+    for _ in procs:
+        try:
+            reports.append(result.get(timeout=240))
+        except Exception:
+            reports.append({"error": "timed out"})
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    nbytes = 2 * sum(torch.Size(s).numel() for s in
+                     [tuple(p.shape) for p in _meta_params(dims)])
+    out = {"gib": round(nbytes / 2**30, 2), "bucket_mb": bucket_mb, "reports": sorted(reports, key=lambda r: r.get("rank", 9))}
+    ok = [r for r in reports if "seconds" in r]
+    if len(ok) == 2:
+        out["identical"] = ok[0]["checksum"] == ok[1]["checksum"]
+        out["gib_per_s"] = round(nbytes / 2**30 / max(r["seconds"] for r in ok), 2)
+    return out
+
+
+def _meta_params(dims: dict):
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return list(FluxTransformer2DModel(**dims).parameters())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of the code paths")
@@ -117,7 +251,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats of the bare forward")
-    ap.add_argument("--skip-full", action="store_true", help="skip the full fine-tune learner step")
+    ap.add_argument("--fsdp-blocks", type=int, nargs=2, default=(4, 8), metavar=("DOUBLE", "SINGLE"),
+                    help="blocks of the FLUX-width model of the FSDP step (default 4 8: ~2.6B parameters)")
+    ap.add_argument("--skip-sync", action="store_true", help="skip the two-process weight sync")
     args = ap.parse_args(argv)
 
     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -142,6 +278,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         info["gpu_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     log(phase="setup", **info)
+
+    if not args.skip_sync:
+        for backend in (["nccl", "gloo"] if device.type == "cuda" else ["gloo"]):
+            log(phase=f"weight_sync_{backend}", **weight_sync_two_processes(dims, device, backend))
 
     reset_peak(device)
     transformer = build_transformer(dims, device, dtype)
@@ -233,30 +373,16 @@ def main(argv=None) -> int:
             grad_norm=stats["grad_norm"], loss=stats["loss"], **extra)
         pol.eval()
 
-    if not args.skip_full:
-        policy.transformer.requires_grad_(True)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        big = device.type == "cuda" and torch.cuda.get_device_properties(0).total_memory > 120 * 2**30
-        opt = (torch.optim.AdamW(params, lr=2e-6, weight_decay=1e-4) if big or device.type == "cpu"
-               else torch.optim.SGD(params, lr=2e-6))
-        try:
-            learner_step(policy, opt, "learner_full", {"optimizer": type(opt).__name__, "gradient_checkpointing": True,
-                                                        "trainable_b": round(sum(p.numel() for p in params) / 1e9, 3)})
-        except torch.OutOfMemoryError as err:
-            log(phase="learner_full", error=f"out of memory: {str(err).splitlines()[0]}", peak_gib=peak_gib(device))
-        del opt, params
-        for p in policy.parameters():
-            p.grad = None
-        policy.transformer.requires_grad_(False)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
     lora_policy, _ = make_policy(transformer, args.resolution, lora=True)  # injects LoRA into the same weights
     lora_policy.cache.put(prompts, cond)
     lparams = [p for p in lora_policy.parameters() if p.requires_grad]
     lopt = torch.optim.AdamW(lparams, lr=1e-4, weight_decay=1e-4)
     learner_step(lora_policy, lopt, "learner_lora", {"optimizer": "AdamW", "rank": 64,
                                                      "lora_params_m": round(sum(p.numel() for p in lparams) / 1e6, 1)})
+    del lora_policy, lopt, lparams, transformer, policy
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(phase="learner_fsdp_full", **fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond))
     log(phase="done", total_seconds=round(time.perf_counter() - t0, 1),
         sampler_ratio_ode=round(ode_ms / bare_ms, 3), sampler_ratio_branching=round(branch_ms / bare_ms, 3))
     return 0

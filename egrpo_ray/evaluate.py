@@ -140,7 +140,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set model.path=/models/FLUX.1-dev (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR",
-                     help="trainable weights (safetensors): a checkpoint dir, or a run dir (latest checkpoint)")
+                     help="a training checkpoint (its LoRA or transformer export), a run dir (its latest checkpoint), "
+                          "or a directory of trainable weights (safetensors)")
     src.add_argument("--lora", metavar="DIR", help="a LoRA in diffusers format (pytorch_lora_weights.safetensors)")
     p.add_argument("--rewards", help="comma-separated reward names (default: the config's rewards)")
     p.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH",
@@ -194,7 +195,7 @@ def _reward_configs(cfg, names_arg: Optional[str], path_args: Sequence[str]) -> 
 def _resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     if (p / "checkpoints").is_dir():
-        from egrpo_ray.outputs import latest_checkpoint
+        from egrpo_ray.checkpoint import latest_checkpoint
 
         found = latest_checkpoint(p)
         if found is None:
@@ -230,11 +231,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
     label = args.label or "base"
     if args.checkpoint:
+        from egrpo_ray.checkpoint import has_export, load_export
         from egrpo_ray.models.diffusers_common import load_state_file
 
         ckpt = _resolve_checkpoint(args.checkpoint)
         try:
-            policy.load_trainable_state(load_state_file(ckpt))
+            if has_export(ckpt):  # a training checkpoint: its LoRA or transformer export
+                load_export(policy, ckpt)
+            else:  # a save_trainable directory
+                policy.load_trainable_state(load_state_file(ckpt))
         except (FileNotFoundError, KeyError, RuntimeError) as err:
             raise ConfigError(f"--checkpoint {ckpt}: {err}") from None
         label = args.label or ckpt.name

@@ -1,16 +1,13 @@
-"""What a run leaves in its output directory: metrics.jsonl, image grids, the reward curve, checkpoints
-(safetensors weights + optimizer state loaded with weights_only), summary.json."""
+"""What a run leaves in its output directory besides checkpoints (egrpo_ray/checkpoint.py): metrics.jsonl,
+image grids, the reward curve."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from egrpo_ray.images import to_float, to_uint8
 
@@ -74,41 +71,3 @@ def plot_reward_curve(records: list[dict], path: str | Path, heldout: list[tuple
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def save_checkpoint(directory: str | Path, step: int, weights: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    meta: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Path:
-    """checkpoints/step_<N>/: model.safetensors (trainable weights), state.pt (optimizer, RNG: tensors
-    and plain types only, loadable with weights_only=True), meta.json. Written to a temp dir, then renamed."""
-    root = Path(directory) / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "extra": dict(extra or {})}, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    root = Path(directory) / "checkpoints"
-    found = sorted(p for p in root.glob("step_*") if (p / "meta.json").exists()) if root.exists() else []
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(weights, state with optimizer/rng/extra, meta). Never unpickles arbitrary objects."""
-    path = Path(path)
-    weights = load_file(str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True)
-    meta = json.loads((path / "meta.json").read_text())
-    return weights, state, meta

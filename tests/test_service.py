@@ -1,12 +1,13 @@
 """The Ray actor-learner service end to end on the tiny model, on a real local Ray cluster:
-2 rollout workers, 1 reward replica, 2 DDP learner workers (gloo)."""
+2 rollout workers, 1 reward replica, 2 FSDP learner workers (gloo) that broadcast weights to the rollout
+workers over their own process group; the resume runs on 1 DDP worker with object-store sync."""
 import json
 from pathlib import Path
 
 import pytest
 
 from egrpo_ray.config import load_config
-from egrpo_ray.outputs import latest_checkpoint
+from egrpo_ray.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [
@@ -27,7 +28,8 @@ def first_run(ray_cluster, tmp_path_factory):
     from egrpo_ray.distributed.driver import train
 
     out = tmp_path_factory.mktemp("service")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["learner.iterations=6"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["learner.iterations=6", "learner.parallelism=fsdp",
+                                                               "rollout.weight_sync=collective"])
     return out, train(cfg, str(out), progress=False)
 
 
@@ -44,7 +46,8 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     assert summary["heldout_reward_before"] is not None and summary["heldout_reward_after"] is not None
     assert (out / "reward_curve.png").exists() and (out / "grids" / "heldout_before.png").exists()
     ckpt = latest_checkpoint(out)
-    assert ckpt is not None and ckpt.name == "step_000006" and (ckpt / "model.safetensors").exists()
+    assert ckpt is not None and ckpt.name == "step_000006" and (ckpt / "state" / ".metadata").exists()
+    assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").exists()  # the export users load
     assert json.loads((out / "summary.json").read_text())["heldout_reward_after"] == summary["heldout_reward_after"]
 
 
@@ -60,7 +63,8 @@ def test_resume_continues_the_step_counter(first_run):
     from egrpo_ray.distributed.driver import train
 
     out, _ = first_run
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["learner.iterations=8"])
+    # a 2-rank FSDP checkpoint resumes on 1 DDP rank (the sharded state is resharded on load)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["learner.iterations=8", "learner.workers=1"])
     summary = train(cfg, str(out), resume=True, progress=False)
     steps = [r["step"] for r in _records(out)]
     assert steps == list(range(1, 9))

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from egrpo_ray.config import ConfigError, ExperimentConfig, add_config_args, dump_config, load_config
-from egrpo_ray.outputs import MetricsWriter, latest_checkpoint, plot_reward_curve, save_grid
+from egrpo_ray.checkpoint import latest_checkpoint, read_meta
+from egrpo_ray.outputs import MetricsWriter, plot_reward_curve, save_grid
 
 
 def _learner_scaling(cfg: ExperimentConfig):
@@ -46,7 +47,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    meta = json.loads((checkpoint / "meta.json").read_text()) if checkpoint else {}
+    meta = read_meta(checkpoint) if checkpoint else {}
     if meta and meta["step"] >= cfg.learner.iterations:
         raise ConfigError(f"--resume: the checkpoint is at step {meta['step']}, not below learner.iterations = {cfg.learner.iterations}")
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -70,7 +71,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         scaling, torch_config = _learner_scaling(cfg)
         trainer = TorchTrainer(
             learner_loop,
-            train_loop_config={"cfg": cfg.model_dump(), "queue": queue, "store": store, "log": log,
+            train_loop_config={"cfg": cfg.model_dump(), "queue": queue, "store": store, "log": log, "workers": workers,
                                "output_dir": str(out), "resume_from": str(checkpoint) if checkpoint else None},
             scaling_config=scaling, torch_config=torch_config,
             run_config=RunConfig(name="learner", storage_path=str(out / "ray_train")),

@@ -1,0 +1,156 @@
+"""The sharded learner on CPU: FSDP2 over 2 gloo ranks against the single-process update, sharded
+checkpoints resumed on another rank count, and the exports users load.
+
+Tolerance: float32 throughout. Two ranks sum their gradients in a different order than one process
+does (reduce-scatter of per-rank means), so weights agree to float32 rounding, not bit for bit. AdamW's
+first steps are about lr * g / |g|, which amplifies the rounding of near-zero gradients, so the bound is
+relative to the lr: mean |dw| <= 1e-4 * lr and max |dw| <= 0.1 * lr (measured on the tiny model: mean
+1.3e-5 * lr, max 0.029 * lr, 0.2 % of the weights above 1e-3 * lr; the update itself moves weights by ~lr).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from egrpo_ray.algo.advantages import combine_rewards
+from egrpo_ray.algo.strategies import build_strategy
+from egrpo_ray.algo.update import UpdateSettings, grpo_update
+from egrpo_ray.checkpoint import latest_checkpoint, load_export, load_training_state, read_meta, save_checkpoint
+from egrpo_ray.config import LoraConfig, ModelConfig, load_config
+from egrpo_ray.models import build_policy
+from egrpo_ray.parallel import full_trainable_state, prepare_for_training
+
+LR = 1e-3
+PROMPTS = ["a red circle at the top left", "a blue square in the centre"]
+ROWS = [[0, 1, 2, 3], [4, 5, 6, 7]]  # two minibatches of the 10 (prompt, entry) rows
+SETTINGS = UpdateSettings(clip_range=1e-3, old_logprob="recompute", kl_beta=0.0, rows_per_minibatch=4, epochs=1,
+                          grad_clip=1.0)
+
+
+def _model_cfg(lora: bool) -> ModelConfig:
+    return ModelConfig(lora=LoraConfig(enabled=lora, rank=4, alpha=4.0))
+
+
+def _batch(policy):
+    """A seeded E-GRPO rollout of the tiny model with advantages (every group has reward spread)."""
+    cfg = load_config(None, ["algorithm.group_size=4"])
+    strategy = build_strategy(cfg.sampling, cfg.algorithm)
+    cond = policy.encode_prompts(PROMPTS)
+    batch = strategy.rollout(policy, cond, PROMPTS, policy.latent_shape, torch.Generator().manual_seed(0))
+    rewards = {"r": torch.randn(len(batch.final_latents), generator=torch.Generator().manual_seed(1))}
+    adv = combine_rewards(rewards, {"r": 1.0}, batch.sample_group, "reward", 1e-8, 5.0)
+    return strategy, cond, batch, adv
+
+
+def _update(fn, policy, optimizer, parts):
+    strategy, cond, batch, adv = _batch(policy)
+    grpo_update(fn, cond, batch, adv, strategy.kernel, SETTINGS, optimizer, torch.Generator(),
+                parts=[torch.tensor(p) for p in parts])
+
+
+def _optimizer(policy):
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LR, weight_decay=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_group(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
+    """Each rank takes half of every minibatch's rows; step 1, checkpoint, step 2."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # LoRA's A matrices are drawn at build: the same on every rank, as the learner seeds
+    _init_group(rank, 2, port)
+    policy = build_policy(_model_cfg(lora))
+    fn = prepare_for_training(policy, "fsdp", torch.float32, torch.device("cpu"))
+    optimizer = _optimizer(policy)
+    mine = [rows[rank * 2 : rank * 2 + 2] for rows in ROWS]
+    _update(fn, policy, optimizer, mine)
+    save_checkpoint(out, 1, policy, optimizer, {"policy_version": 1}, lora=lora, export_dtype=torch.float32)
+    after_one = full_trainable_state(policy)
+    _update(fn, policy, optimizer, mine)
+    after_two = full_trainable_state(policy)
+    if rank == 0:
+        torch.save({"after_one": after_one, "after_two": after_two}, os.path.join(out, "weights.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
+def two_rank(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_two_rank_run, args=(_free_port(), str(out), request.param), nprocs=2, join=True)
+    return request.param, out, torch.load(out / "weights.pt", weights_only=True)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _assert_close(a: dict, b: dict) -> None:
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert float(diff.mean()) <= 1e-4 * LR and float(diff.max()) <= 0.1 * LR, (float(diff.mean()), float(diff.max()))
+
+
+def test_fsdp_two_ranks_update_like_one_process(two_rank):
+    lora, _, weights = two_rank
+    torch.manual_seed(0)
+    policy = build_policy(_model_cfg(lora))
+    before = full_trainable_state(policy)
+    optimizer = _optimizer(policy)
+    _update(policy, policy, optimizer, ROWS)
+    single = full_trainable_state(policy)
+    assert _max_diff(single, before) > 0.5 * LR  # the update really moved the weights
+    _assert_close(weights["after_one"], single)
+
+
+def test_sharded_checkpoint_from_two_ranks_resumes_on_one(two_rank, tmp_path):
+    lora, out, weights = two_rank
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step_000001" and read_meta(ckpt)["policy_version"] == 1
+    for parallelism in ("fsdp", "ddp"):  # one rank, sharded or not
+        _init_group(0, 1, _free_port())
+        try:
+            torch.manual_seed(1)  # a different LoRA draw: the checkpoint must overwrite it
+            policy = build_policy(_model_cfg(lora))
+            fn = prepare_for_training(policy, parallelism, torch.float32, torch.device("cpu"))
+            optimizer = _optimizer(policy)
+            load_training_state(ckpt, policy, optimizer)
+            assert _max_diff(full_trainable_state(policy), weights["after_one"]) == 0.0
+            _update(fn, policy, optimizer, ROWS)  # the second step, AdamW moments included
+            _assert_close(full_trainable_state(policy), weights["after_two"])
+        finally:
+            dist.destroy_process_group()
+
+
+def test_exports_load_with_diffusers(two_rank):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    lora, out, weights = two_rank
+    ckpt = latest_checkpoint(out)
+    torch.manual_seed(1)
+    policy = build_policy(_model_cfg(lora))
+    load_export(policy, ckpt)
+    assert _max_diff(full_trainable_state(policy), weights["after_one"]) == 0.0
+    if lora:
+        # what FluxPipeline.load_lora_weights does: read the file, load the adapter into the transformer
+        state, metadata = FluxPipeline.lora_state_dict(str(ckpt / "lora"), return_lora_metadata=True)
+        assert len(state) == len(weights["after_one"]) and all(k.startswith("transformer.") for k in state)
+        base = build_policy(_model_cfg(False)).transformer
+        base.load_lora_adapter(state, prefix="transformer", adapter_name="trained", metadata=metadata)
+        loaded = {n.replace(".trained.", ".default."): p for n, p in base.named_parameters() if ".lora_" in n}
+        assert all(torch.equal(p, weights["after_one"]["transformer." + n]) for n, p in loaded.items())
+    else:
+        loaded = FluxTransformer2DModel.from_pretrained(str(ckpt / "transformer"))
+        for name, p in loaded.named_parameters():
+            assert torch.equal(p, weights["after_one"]["transformer." + name])
