@@ -108,6 +108,8 @@ class RolloutConfig(Strict):
     # in flat buckets over a process group of the learner's rank 0 and the workers (nccl on GPU, gloo on CPU).
     weight_sync: Literal["object_store", "collective"] = "object_store"
     sync_bucket_mb: int = Field(256, ge=1, le=16384)
+    # auto: nccl when the learner has a GPU, else gloo; gloo also where NCCL cannot go (two ranks on one GPU)
+    sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 class LearnerConfig(Strict):

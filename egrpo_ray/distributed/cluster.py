@@ -21,19 +21,24 @@ class ClusterError(RuntimeError):
 class Needs:
     cpus: float
     gpus: float
+    custom: dict[str, float]  # custom node resources (placement labels) the actors ask for
     detail: str
 
 
 def resource_needs(cfg: ExperimentConfig) -> Needs:
-    """CPUs and GPUs that the run's actors ask for (queue, store and log take none)."""
+    """CPUs, GPUs and custom resources that the run's actors ask for (queue, store and log take none)."""
     parts = [
-        ("rollout", cfg.rollout.workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
-        ("learner", cfg.learner.workers, cfg.learner.num_cpus, cfg.learner.num_gpus),
-    ] + [(f"reward {r.name}", r.replicas, r.num_cpus, r.num_gpus) for r in cfg.rewards]
-    cpus = sum(n * c for _, n, c, _ in parts)
-    gpus = sum(n * g for _, n, _, g in parts)
-    detail = " + ".join(f"{name} {n}x{c:g}" for name, n, c, _ in parts)
-    return Needs(cpus, gpus, detail)
+        ("rollout", cfg.rollout.workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resources),
+        ("learner", cfg.learner.workers, cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resources),
+    ] + [(f"reward {r.name}", r.replicas, r.num_cpus, r.num_gpus, r.resources) for r in cfg.rewards]
+    custom: dict[str, float] = {}
+    for _, n, _, _, extra in parts:
+        for key, amount in extra.items():
+            custom[key] = custom.get(key, 0.0) + n * amount
+    cpus = sum(n * c for _, n, c, _, _ in parts)
+    gpus = sum(n * g for _, n, _, g, _ in parts)
+    detail = " + ".join(f"{name} {n}x{c:g}" for name, n, c, _, _ in parts)
+    return Needs(cpus, gpus, custom, detail)
 
 
 def check_resources(cfg: ExperimentConfig, available: dict) -> None:
@@ -44,6 +49,10 @@ def check_resources(cfg: ExperimentConfig, available: dict) -> None:
                            "lower the num_cpus or worker counts, or add nodes")
     if needs.gpus > have_gpu + 1e-9:
         raise ClusterError(f"the config needs {needs.gpus:g} GPUs but the cluster has {have_gpu:g}")
+    for key, amount in needs.custom.items():
+        if amount > float(available.get(key, 0)) + 1e-9:
+            raise ClusterError(f"the config asks for {amount:g} of the resource {key!r} but the cluster has "
+                               f"{float(available.get(key, 0)):g} (label nodes with ray start --resources)")
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ def _learner_scaling(cfg: ExperimentConfig):
     from ray.train.torch import TorchConfig
 
     use_gpu = cfg.learner.num_gpus > 0
-    resources = {"CPU": cfg.learner.num_cpus}
+    resources = {"CPU": cfg.learner.num_cpus, **cfg.learner.resources}
     if use_gpu:
         resources["GPU"] = cfg.learner.num_gpus
     backend = cfg.learner.backend if cfg.learner.backend != "auto" else ("nccl" if use_gpu else "gloo")
@@ -61,7 +61,8 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         done_batches = meta.get("prompt_batches_by_worker", {})
         # Actors start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
-            RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus).remote(
+            RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                  resources=cfg.rollout.resources).remote(
                 cfg.model_dump(), i, queue, store, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None)
             for i in range(cfg.rollout.workers)
         ]

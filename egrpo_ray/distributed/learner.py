@@ -73,7 +73,8 @@ class WeightPublisher:
         self.store, self.rank = store, rank
         self.broadcaster = None
         if cfg.rollout.weight_sync == "collective":
-            self.broadcaster = WeightBroadcaster(bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+            backend = None if cfg.rollout.sync_backend == "auto" else cfg.rollout.sync_backend
+            self.broadcaster = WeightBroadcaster(cfg.rollout.sync_bucket_mb << 20, backend)
             if rank == 0:
                 self.broadcaster.connect(workers)
 

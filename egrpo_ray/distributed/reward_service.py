@@ -106,7 +106,8 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
         serve.start(proxy_location="Disabled")
     handles = {}
     for r in cfg.rewards:
-        options = {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, "max_ongoing_requests": 256,
+        options = {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": r.resources},
+                   "max_ongoing_requests": 256,
                    "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
         if r.autoscale_max_replicas:
             options["autoscaling_config"] = {"min_replicas": r.replicas, "max_replicas": r.autoscale_max_replicas,

@@ -34,7 +34,8 @@ class RolloutWorker:
         torch.set_num_threads(1)
         self.cfg = ExperimentConfig.model_validate(cfg)
         self.index, self.queue, self.store = index, queue, store
-        policy = build_policy(self.cfg.model)
+        # Sampling needs no float32 master copy: the weights run (and arrive) in the model dtype.
+        policy = build_policy(self.cfg.model.model_copy(update={"master_dtype": None}))
         self.synced_names = list(policy.trainable_state())  # what a sync ships; read before freezing
         self.policy = policy.eval().requires_grad_(False)
         self.strategy = build_strategy(self.cfg.sampling, self.cfg.algorithm)
