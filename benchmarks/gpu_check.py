@@ -134,8 +134,12 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
     from egrpo_ray.parallel import prepare_for_training
     from egrpo_ray.training import learn
 
+    import gc
+
     double, single = args.fsdp_blocks
     small = {**dims, "num_layers": double, "num_single_layers": single}
+    gc.collect()
+    baseline = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # what earlier phases left behind
     _init_single_rank_group(device)
     try:
         policy, model_cfg = make_policy(build_transformer(small, device, torch.bfloat16), args.resolution, lora=False)
@@ -153,11 +157,12 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
             stats = learn(fn, policy, [item], cfg, strategy, opt, torch.Generator().manual_seed(3 + k))
             sync(device)
             seconds.append(round(time.perf_counter() - t, 2))
-        measured = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        measured = torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
         plan = learner_memory(cfg, policy_parts(cfg.model, transformer_config=small, with_frozen=False))
         out = {"blocks": [double, single], "params_b": round(sum(p.numel() for p in params) / 1e9, 3),
                "seconds": seconds, "ratio_mean_first": stats["ratio_mean_first"], "grad_norm": stats["grad_norm"],
-               "peak_gib": peak_gib(device), "plan_gib": round(plan.per_gpu / 2**30, 2),
+               "peak_gib": peak_gib(device), "baseline_gib": round(baseline / 2**30, 2),
+               "measured_gib": round(measured / 2**30, 2), "plan_gib": round(plan.per_gpu / 2**30, 2),
                "plan_phases_gib": {k: round(v / 2**30, 2) for k, v in plan.phases.items()}}
         if measured:
             out["plan_error"] = round(plan.per_gpu / measured - 1, 3)  # the target: within +-0.15

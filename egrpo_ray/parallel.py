@@ -52,13 +52,17 @@ def shard_policy(policy: nn.Module, compute_dtype: torch.dtype, device: torch.de
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (_world(),))
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # The root casts the transformer's inputs to the compute dtype; blocks take their inputs as the root
+    # hands them over (the rotary embedding stays float32, as in an unsharded bf16 model). Casting there
+    # too breaks gradient checkpointing: the recomputed forward would see uncast inputs.
+    root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    block_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     transformer = policy.transformer
     for block in transformer_blocks(transformer):
         _trainable_to_float32(block)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=block_mp)
     _trainable_to_float32(transformer)
-    fully_shard(transformer, mesh=mesh, mp_policy=mp)
+    fully_shard(transformer, mesh=mesh, mp_policy=root_mp)
     policy.to(device)  # frozen parts and buffers outside the transformer
 
 

@@ -135,7 +135,7 @@ class FluxPolicy(DiffusersPolicy):
                 pooled_projections=cond["pooled_prompt_embeds"].to(dev),
                 encoder_hidden_states=embeds,
                 txt_ids=txt_ids,
-                img_ids=self.img_ids.to(self.dtype),
+                img_ids=self.img_ids.to(device=dev, dtype=self.dtype),
                 return_dict=False,
             )[0]
         return out.float().to(latents.device)  # float32, on the caller's device
