@@ -154,3 +154,24 @@ def test_exports_load_with_diffusers(two_rank):
         loaded = FluxTransformer2DModel.from_pretrained(str(ckpt / "transformer"))
         for name, p in loaded.named_parameters():
             assert torch.equal(p, weights["after_one"]["transformer." + name])
+
+
+def test_fsdp_bf16_compute_with_checkpointing_matches_the_unsharded_bf16_model():
+    """bf16 compute over float32 master shards runs exactly the bf16 model's forward, and its backward
+    works under gradient checkpointing (the recompute must see the same input dtypes)."""
+    _init_group(0, 1, _free_port())
+    try:
+        torch.manual_seed(0)
+        sharded = build_policy(ModelConfig(gradient_checkpointing=True)).train()
+        fn = prepare_for_training(sharded, "fsdp", torch.bfloat16, torch.device("cpu"))
+        plain = build_policy(ModelConfig(dtype="bfloat16"))
+        cond = plain.encode_prompts(PROMPTS)
+        x = torch.randn(2, *plain.latent_shape, generator=torch.Generator().manual_seed(0))
+        s = torch.tensor([0.5, 0.7])
+        out = fn(x, s, cond)
+        assert torch.equal(out, plain(x, s, cond))
+        out.square().mean().backward()
+        grads = [p.grad for p in sharded.parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+    finally:
+        dist.destroy_process_group()
