@@ -1,4 +1,5 @@
-"""``egrpo-ray plan``: the schedule, each step's entropy, the merge plan and the rollout cost."""
+"""``egrpo-ray plan``: the schedule, each step's entropy, the merge plan and the rollout cost; with ``--memory``,
+the GPU memory per role and whether the config fits (egrpo_ray/memory_plan.py)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,10 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-merge", type=int, help="cap on a merged step's length")
     p.add_argument("--group-size", type=int, default=12, help="G, for the cost (default 12)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: GPU memory per role (rollout, learner, rewards) for --config, and whether it fits")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, metavar="N",
+                   help="memory of one GPU for --memory, in GiB (default 80)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +50,22 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
     return validate({"sampling": sampling}).sampling
 
 
+def run_memory(args: argparse.Namespace) -> int:
+    """Exit 0 whether it fits or not: the answer is the output."""
+    from egrpo_ray.config import load_config
+    from egrpo_ray.memory_plan import format_plan, plan_memory
+
+    plan = plan_memory(load_config(args.config), args.gpu_memory_gib)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(format_plan(plan, args.config or "the embedded default config"))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "memory", False):
+        return run_memory(args)
     if args.group_size < 1:
         raise ConfigError("--group-size must be >= 1")
     cfg = _sampling(args)
