@@ -9,6 +9,7 @@ import os
 import socket
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from egrpo_ray.config import ConfigError, ExperimentConfig
 
@@ -25,19 +26,33 @@ class Needs:
     detail: str
 
 
+class Role(NamedTuple):
+    """One kind of actor the run starts: how many, and what each asks for."""
+
+    name: str
+    count: int
+    cpus: float
+    gpus: float
+    custom: dict[str, float]
+
+
+def _roles(cfg: ExperimentConfig) -> list[Role]:
+    return [
+        Role("rollout", cfg.rollout.workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resources),
+        Role("learner", cfg.learner.workers, cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resources),
+    ] + [Role(f"reward {r.name}", r.replicas, r.num_cpus, r.num_gpus, r.resources) for r in cfg.rewards]
+
+
 def resource_needs(cfg: ExperimentConfig) -> Needs:
     """CPUs, GPUs and custom resources that the run's actors ask for (queue, store and log take none)."""
-    parts = [
-        ("rollout", cfg.rollout.workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resources),
-        ("learner", cfg.learner.workers, cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resources),
-    ] + [(f"reward {r.name}", r.replicas, r.num_cpus, r.num_gpus, r.resources) for r in cfg.rewards]
+    roles = _roles(cfg)
     custom: dict[str, float] = {}
-    for _, n, _, _, extra in parts:
-        for key, amount in extra.items():
-            custom[key] = custom.get(key, 0.0) + n * amount
-    cpus = sum(n * c for _, n, c, _, _ in parts)
-    gpus = sum(n * g for _, n, _, g, _ in parts)
-    detail = " + ".join(f"{name} {n}x{c:g}" for name, n, c, _, _ in parts)
+    for r in roles:
+        for key, amount in r.custom.items():
+            custom[key] = custom.get(key, 0.0) + r.count * amount
+    cpus = sum(r.count * r.cpus for r in roles)
+    gpus = sum(r.count * r.gpus for r in roles)
+    detail = " + ".join(f"{r.name} {r.count}x{r.cpus:g}" for r in roles)
     return Needs(cpus, gpus, custom, detail)
 
 
@@ -53,6 +68,37 @@ def check_resources(cfg: ExperimentConfig, available: dict) -> None:
         if amount > float(available.get(key, 0)) + 1e-9:
             raise ClusterError(f"the config asks for {amount:g} of the resource {key!r} but the cluster has "
                                f"{float(available.get(key, 0)):g} (label nodes with ray start --resources)")
+
+
+def check_placement(cfg: ExperimentConfig, nodes: list[dict]) -> None:
+    """Roles pinned to labelled nodes (custom resources) must fit on the nodes that carry their labels.
+
+    ``nodes``: each alive node's total resources (``ray.nodes()[i]["Resources"]``). The cluster-wide sums of
+    ``check_resources`` hide a labelled node too small for its roles (3 CPUs in all, but 2 learner ranks at
+    0.75 CPU pinned to a 1-CPU node), and Ray then waits forever: Train retries its worker group. A necessary
+    condition, checked per pinned role: one actor fits on some eligible node, and every pinned role that can
+    only run on those nodes fits in their CPUs and GPUs together.
+    """
+    def fits(node: dict, cpus: float, gpus: float, custom: dict[str, float]) -> bool:
+        want = {"CPU": cpus, "GPU": gpus, **custom}
+        return all(float(node.get(k, 0)) + 1e-9 >= v for k, v in want.items() if v > 0)
+
+    pinned = [(r, frozenset(i for i, node in enumerate(nodes) if fits(node, r.cpus, r.gpus, r.custom)))
+              for r in _roles(cfg) if r.custom]
+    for r, where in pinned:
+        if not where:
+            raise ClusterError(f"no node can hold one {r.name} actor ({r.cpus:g} CPU, {r.gpus:g} GPU, {r.custom}): the "
+                               f"nodes labelled {sorted(r.custom)} have too few CPUs or GPUs")
+    for _, where in pinned:
+        sharing = [r for r, eligible in pinned if eligible <= where]  # pinned roles that can only go to these nodes
+        labels = sorted({k for r in sharing for k in r.custom})
+        for kind, field in (("CPU", "cpus"), ("GPU", "gpus")):
+            need = sum(r.count * getattr(r, field) for r in sharing)
+            have = sum(float(nodes[i].get(kind, 0)) for i in where)
+            if need > have + 1e-9:
+                detail = " + ".join(f"{r.name} {r.count}x{getattr(r, field):g}" for r in sharing)
+                raise ClusterError(f"the actors pinned to the nodes labelled {labels} need {need:g} {kind}s ({detail}) "
+                                   f"but those nodes have {have:g}; lower their num_cpus/num_gpus or label more nodes")
 
 
 def free_port() -> int:
@@ -98,5 +144,6 @@ def validate_on_cluster(cfg: ExperimentConfig) -> None:
 
     try:
         check_resources(cfg, ray.cluster_resources())
+        check_placement(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     except ClusterError as err:
         raise ConfigError(str(err)) from None
