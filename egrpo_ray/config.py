@@ -110,6 +110,8 @@ class RolloutConfig(Strict):
     sync_bucket_mb: int = Field(256, ge=1, le=16384)
     # auto: nccl when the learner has a GPU, else gloo; gloo also where NCCL cannot go (two ranks on one GPU)
     sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    max_restarts: int = Field(3, ge=0, le=1000)  # a dead worker is restarted and rejoins at its prompt cursor
+    reward_retries: int = Field(3, ge=0, le=100)  # a failed reward call is retried (the group is kept)
 
 
 class LearnerConfig(Strict):
@@ -131,6 +133,8 @@ class LearnerConfig(Strict):
     max_staleness: int = Field(0, ge=0)
     queue_capacity: int = Field(64, ge=1)
     checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: Optional[int] = Field(3, ge=1)  # the last K checkpoints (and the best) are kept; None = all
+    max_failures: int = Field(2, ge=0, le=1000)  # learner group restarts from the latest checkpoint
 
 
 class ClusterConfig(Strict):
@@ -143,6 +147,9 @@ class ClusterConfig(Strict):
     http_port: int = Field(8000, ge=1, le=65535)
     max_image_bytes: int = Field(8 << 20, ge=1)
     max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(2048 * 2048, ge=1)  # reward HTTP: larger images are refused (400)
+    reward_timeout_s: float = Field(120.0, gt=0)  # reward HTTP: a request that takes longer answers 503
+    max_requests_in_flight: int = Field(32, ge=1)  # reward HTTP: more concurrent requests answer 503
 
 
 class LoggingConfig(Strict):

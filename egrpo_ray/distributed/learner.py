@@ -69,8 +69,8 @@ class WeightPublisher:
     """Ships the learner's weights to the rollout workers after each update (every rank calls publish:
     under FSDP the full weights are gathered collectively; rank 0 sends)."""
 
-    def __init__(self, cfg: ExperimentConfig, store, workers: list, rank: int):
-        self.store, self.rank = store, rank
+    def __init__(self, cfg: ExperimentConfig, store, workers: list, rank: int, sharded: bool):
+        self.store, self.rank, self.sharded = store, rank, sharded
         self.broadcaster = None
         if cfg.rollout.weight_sync == "collective":
             backend = None if cfg.rollout.sync_backend == "auto" else cfg.rollout.sync_backend
@@ -81,7 +81,7 @@ class WeightPublisher:
     def publish(self, version: int, policy) -> None:
         if self.broadcaster is not None:
             self.broadcaster.publish(version, gather_trainable(policy))  # rank 0 sends, the rest gather
-        elif self.rank == 0 or is_sharded(policy):
+        elif self.rank == 0 or self.sharded:
             weights = full_trainable_state(policy)
             if self.rank == 0:
                 ray.get(self.store.publish.remote(version, weights))
@@ -109,7 +109,7 @@ def learner_loop(config: dict[str, Any]) -> None:
     if config.get("resume_from"):
         meta = load_training_state(config["resume_from"], policy, optimizer)
         step, version = int(meta["step"]), int(meta["policy_version"])
-    publisher = WeightPublisher(cfg, store, config["workers"], rank)
+    publisher = WeightPublisher(cfg, store, config["workers"], rank, sharded)
 
     train_prompts, heldout = prompt_splits(cfg.prompts)
     probe = train_probe(train_prompts)
