@@ -140,6 +140,8 @@ class LearnerConfig(Strict):
 class ClusterConfig(Strict):
     # None: start a local cluster (the embedded default); "auto" or "ray://...": attach to one.
     address: Optional[str] = None
+    # Scopes this run's Serve applications on a shared cluster; None: the driver picks one per run.
+    run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     num_cpus: Optional[float] = Field(None, gt=0)
     startup_timeout_s: float = Field(60.0, gt=0)
     http_enabled: bool = False

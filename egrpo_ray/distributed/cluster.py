@@ -139,6 +139,14 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None) -> bool:
     return True
 
 
+def shutdown_ray(started: bool) -> None:
+    """Disconnect; a cluster this process started is shut down with it."""
+    import ray
+
+    if started:
+        ray.shutdown()
+
+
 def validate_on_cluster(cfg: ExperimentConfig) -> None:
     import ray
 

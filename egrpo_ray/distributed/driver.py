@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from egrpo_ray.checkpoint import latest_checkpoint
 from egrpo_ray.config import ConfigError, ExperimentConfig, add_config_args, dump_config, load_config
-from egrpo_ray.checkpoint import latest_checkpoint, read_meta
 from egrpo_ray.outputs import MetricsWriter, plot_reward_curve, save_grid
+from egrpo_ray.preflight import preflight
 
 
 def _learner_scaling(cfg: ExperimentConfig):
@@ -29,27 +30,31 @@ def _learner_scaling(cfg: ExperimentConfig):
     return ScalingConfig(num_workers=cfg.learner.workers, use_gpu=use_gpu, resources_per_worker=resources), TorchConfig(backend=backend)
 
 
+def new_run_name(output_dir: Path) -> str:
+    """The output directory's name and a random suffix (letters, digits, '-', '_', '.' only)."""
+    import re
+    import secrets
+
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', output_dir.name)[:48]}-{secrets.token_hex(4)}"
+
+
 def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = False, progress: bool = True,
           temp_dir: str | None = None) -> dict:
     import ray
-    from ray import serve
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     from egrpo_ray.distributed.actors import ReplayQueue, RunLog, WeightStore
-    from egrpo_ray.distributed.cluster import init_ray, validate_on_cluster
+    from egrpo_ray.distributed.cluster import init_ray, shutdown_ray, validate_on_cluster
     from egrpo_ray.distributed.learner import learner_loop
-    from egrpo_ray.distributed.reward_service import deploy_rewards
+    from egrpo_ray.distributed.reward_service import delete_rewards, deploy_rewards
     from egrpo_ray.distributed.rollout import RolloutWorker
 
     out = Path(output_dir or cfg.logging.output_dir).resolve()
+    checkpoint, meta = preflight(cfg, out, resume)
+    if not cfg.cluster.run_name:  # names this run's Serve applications apart from other runs on the cluster
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"run_name": new_run_name(out)})})
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        raise ConfigError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    meta = read_meta(checkpoint) if checkpoint else {}
-    if meta and meta["step"] >= cfg.learner.iterations:
-        raise ConfigError(f"--resume: the checkpoint is at step {meta['step']}, not below learner.iterations = {cfg.learner.iterations}")
     (out / "config.yaml").write_text(dump_config(cfg))
 
     started = init_ray(cfg, temp_dir)
@@ -116,10 +121,9 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         raise
     finally:
         try:
-            serve.shutdown()
+            delete_rewards(cfg)  # only this run's applications: the cluster may be shared
         finally:
-            if started:
-                ray.shutdown()
+            shutdown_ray(started)
 
 
 def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, start_step: int, progress: bool) -> dict:

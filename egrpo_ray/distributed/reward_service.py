@@ -19,7 +19,9 @@ from ray import serve
 from egrpo_ray.config import ExperimentConfig, RewardConfig, add_config_args
 from egrpo_ray.images import to_uint8
 
-APP_PREFIX = "egrpo-reward-"
+def app_name(cfg: ExperimentConfig, reward: str) -> str:
+    """Serve application names are run-scoped: two runs on one cluster never share or delete each other's."""
+    return f"egrpo-{cfg.cluster.run_name}-{reward}" if cfg.cluster.run_name else f"egrpo-reward-{reward}"
 
 
 class BadRequest(ValueError):
@@ -117,13 +119,20 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
         app = RewardDeployment.options(name=f"reward_{r.name}", **options).bind(
             r.model_dump(), r.batch_size, r.batch_wait_s, c.max_images_per_request, c.max_image_bytes
         )
-        handles[r.name] = serve.run(app, name=APP_PREFIX + r.name, route_prefix=f"/rewards/{r.name}" if c.http_enabled else None)
+        handles[r.name] = serve.run(app, name=app_name(cfg, r.name),
+                                    route_prefix=f"/rewards/{r.name}" if c.http_enabled else None)
     return handles
+
+
+def delete_rewards(cfg: ExperimentConfig) -> None:
+    """Remove this run's reward applications (never serve.shutdown(): it deletes every user's)."""
+    for r in cfg.rewards:
+        serve.delete(app_name(cfg, r.name), _blocking=True)
 
 
 def reward_handles(cfg: ExperimentConfig) -> dict[str, object]:
     """Handles to the running reward apps, from any process of the cluster (e.g. a rollout actor)."""
-    return {r.name: serve.get_app_handle(APP_PREFIX + r.name) for r in cfg.rewards}
+    return {r.name: serve.get_app_handle(app_name(cfg, r.name)) for r in cfg.rewards}
 
 
 def remote_reward_fn(handles: dict[str, object]):
