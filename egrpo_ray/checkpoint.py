@@ -13,6 +13,7 @@ a half-written ``step_<N>``. Nothing here unpickles: DCP reads tensors, the expo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from egrpo_ray.config import ConfigError
 from egrpo_ray.parallel import full_trainable_state
 
 STATE_DIR, LORA_DIR, TRANSFORMER_DIR, META_FILE = "state", "lora", "transformer", "meta.json"
@@ -86,15 +88,101 @@ def load_training_state(checkpoint: str | Path, policy: nn.Module, optimizer: to
     return read_meta(checkpoint)
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from or loaded; str(error) is one line naming the file."""
+
+
+META_KEYS = {"step": int, "policy_version": int}  # what a resume reads (plus the optional data cursor)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / META_FILE).read_text())
+    """meta.json of a checkpoint, validated: a JSON object with integer ``step`` and ``policy_version``
+    (>= 0; ``step`` matches the directory's step_<N>) and, if present, a ``prompt_batches_by_worker``
+    mapping of worker index -> integer count. Raises CheckpointError (one line)."""
+    path = Path(checkpoint) / META_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (an incomplete checkpoint)") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {err.start}); corrupt checkpoint metadata") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}); corrupt checkpoint metadata") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply; corrupt checkpoint metadata") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in META_KEYS.items():
+        if key not in meta:
+            raise CheckpointError(f"{path}: no {key!r} (an incomplete checkpoint)")
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise CheckpointError(f"{path}: {key!r} must be a non-negative integer, got {value!r}")
+    m = _STEP_DIR.match(Path(checkpoint).name)
+    if m and int(m.group(1)) != meta["step"]:
+        raise CheckpointError(f"{path}: 'step' is {meta['step']} but the directory is {Path(checkpoint).name}")
+    cursor = meta.get("prompt_batches_by_worker", {})
+    if not isinstance(cursor, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in cursor.items()
+    ):
+        raise CheckpointError(f"{path}: 'prompt_batches_by_worker' must map worker indices to non-negative integers")
+    return meta
+
+
+def check_training_state(checkpoint: str | Path) -> None:
+    """The DCP files a resume reads exist and are not empty (their content is read by the learner)."""
+    state = Path(checkpoint) / STATE_DIR
+    if not state.is_dir():
+        raise CheckpointError(f"{state}: missing (an incomplete checkpoint)")
+    meta = state / ".metadata"
+    if not meta.is_file() or meta.stat().st_size == 0:
+        raise CheckpointError(f"{meta}: missing or empty (an incomplete checkpoint)")
+    if not any(f.is_file() and f.stat().st_size > 0 for f in state.glob("*.distcp")):
+        raise CheckpointError(f"{state}: no *.distcp data files (an incomplete checkpoint)")
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The complete checkpoint (``step_<N>`` with a meta.json) with the highest N, or None; temporary
+    ``.tmp_step_<N>`` directories of an interrupted save are ignored."""
     root = Path(directory) / "checkpoints"
-    found = sorted(p for p in root.glob("step_*") if (p / META_FILE).exists()) if root.exists() else []
-    return found[-1] if found else None
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and (p / META_FILE).exists()]
+    return max(found)[1] if found else None
 
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int | None, metric: str = "reward_mean") -> list[Path]:
+    """Delete the checkpoints under ``directory/checkpoints`` except the last ``keep_last`` and the best
+    (highest ``metric`` in meta.json). ``keep_last=None`` keeps all. Returns the deleted paths.
+    Call it on one process only (rank 0), after a checkpoint is complete."""
+    root = Path(directory) / "checkpoints"
+    found = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / META_FILE).exists()),
+                   key=lambda p: int(p.name[5:])) if root.exists() else []
+    if keep_last is None or len(found) <= keep_last:
+        return []
+    scores = {}
+    for p in found:
+        try:
+            value = json.loads((p / META_FILE).read_text()).get(metric)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, (int, float)):
+            scores[p] = float(value)
+    keep = set(found[-keep_last:])
+    if scores:
+        keep.add(max(scores, key=lambda p: (scores[p], p.name)))  # ties: the later step
+    deleted = [p for p in found if p not in keep]
+    for p in deleted:
+        shutil.rmtree(p, ignore_errors=True)
+    return deleted
 
 # ----------------------------------------------------------------------------------------- exports
 
@@ -141,31 +229,114 @@ def _write_transformer(policy: nn.Module, state: dict[str, torch.Tensor], direct
                           max_shard_size="10GB")
 
 
+def check_safetensors(path: str | Path) -> dict[str, Any]:
+    """Parse a .safetensors file's header without reading the tensors and check that every tensor's
+    bytes lie inside the file (a truncated or corrupt file fails here). Returns the header.
+    Raises CheckpointError (one line)."""
+    import struct
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes in a "
+                                      f"{size}-byte file)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file (its header is not a JSON object)")
+    data = size - 8 - n
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r} has no valid data_offsets)")
+        end = max(end, offsets[1])
+    if end > data:
+        raise CheckpointError(f"{path}: truncated safetensors file (tensors need {end} data bytes, the file has {data})")
+    return header
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be loaded ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
 def has_export(checkpoint: str | Path) -> bool:
     checkpoint = Path(checkpoint)
     return (checkpoint / LORA_DIR / LORA_FILE).is_file() or any((checkpoint / TRANSFORMER_DIR).glob("*.safetensors"))
 
 
-def load_export(policy: nn.Module, checkpoint: str | Path) -> None:
-    """Load a checkpoint's export (LoRA adapter or transformer) into a plain, unsharded policy."""
-    from safetensors.torch import load_file
-
+def check_export(checkpoint: str | Path) -> None:
+    """The export ``load_export`` would read exists and its safetensors files are complete (headers
+    only: no tensors are read). Raises CheckpointError (one line)."""
     checkpoint = Path(checkpoint)
-    if (checkpoint / LORA_DIR / LORA_FILE).is_file():
-        from peft.utils import set_peft_model_state_dict
-
-        state = load_file(str(checkpoint / LORA_DIR / LORA_FILE))
-        result = set_peft_model_state_dict(policy.transformer, {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()})
-        if getattr(result, "unexpected_keys", None):
-            raise KeyError(f"{checkpoint}: LoRA keys not in this model, e.g. {result.unexpected_keys[0]!r}")
+    lora = checkpoint / LORA_DIR / LORA_FILE
+    if lora.is_file():
+        check_safetensors(lora)
         return
     files = sorted((checkpoint / TRANSFORMER_DIR).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{checkpoint}: neither {LORA_DIR}/{LORA_FILE} nor {TRANSFORMER_DIR}/*.safetensors")
+        raise CheckpointError(f"{checkpoint}: neither {LORA_DIR}/{LORA_FILE} nor {TRANSFORMER_DIR}/*.safetensors")
+    for f in files:
+        check_safetensors(f)
+
+
+def load_export(policy: nn.Module, checkpoint: str | Path) -> None:
+    """Load a checkpoint's export (LoRA adapter or transformer) into a plain, unsharded policy.
+    A missing, truncated or mismatched export raises CheckpointError (one line)."""
+    checkpoint = Path(checkpoint)
+    check_export(checkpoint)
+    if (checkpoint / LORA_DIR / LORA_FILE).is_file():
+        from peft.utils import set_peft_model_state_dict
+
+        if not getattr(policy.transformer, "peft_config", None):
+            raise CheckpointError(f"{checkpoint}: a LoRA export, but the model has no LoRA (set model.lora.enabled)")
+        state = _load_safetensors(checkpoint / LORA_DIR / LORA_FILE)
+        try:
+            result = set_peft_model_state_dict(policy.transformer, {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()})
+        except RuntimeError as err:  # shape mismatch: another rank or model
+            raise CheckpointError(f"{checkpoint}: LoRA weights do not fit this model ({_first_line(err)})") from None
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{checkpoint}: LoRA keys not in this model, e.g. {result.unexpected_keys[0]!r}")
+        return
+    files = sorted((checkpoint / TRANSFORMER_DIR).glob("*.safetensors"))
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(_load_safetensors(f))
     params = dict(policy.transformer.named_parameters())
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: {len(unknown)} transformer weights not in this model, e.g. {unknown[0]!r}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise CheckpointError(f"{checkpoint}: {k!r} has shape {tuple(v.shape)}, the model has {tuple(params[k].shape)}")
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].dtype))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

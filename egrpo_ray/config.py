@@ -6,164 +6,207 @@ carries one line naming the key and the problem (the CLI prints it and exits wit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
     """A bad configuration; str(error) is one line that names the key and the problem."""
 
 
+# Strict scalar types: YAML ``true`` is not the integer 1 (pydantic's lax mode would take it), 1 is not
+# ``true``, and text values carry no control characters (a NUL in a path fails deep inside os calls).
+def _not_bool(kind: str):
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"Input should be a valid {kind}, not a boolean")
+        return value
+
+    return check
+
+
+def _only_bool(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError("Input should be true or false")
+    return value
+
+
+def _printable(value: str) -> str:
+    bad = next((c for c in value if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        raise ValueError(f"control character {bad!r} in text")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool("integer"))]
+Float = Annotated[float, BeforeValidator(_not_bool("number"))]
+Bool = Annotated[bool, BeforeValidator(_only_bool)]
+Text = Annotated[str, AfterValidator(_printable)]
+Path_ = Annotated[str, Field(min_length=1), AfterValidator(_printable)]  # a non-empty path or address
+
+
+def _plain_resources(value: dict[str, float]) -> dict[str, float]:
+    for key, amount in value.items():
+        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{key!r} is not a custom resource (use num_cpus / num_gpus)")
+        if amount < 0:
+            raise ValueError(f"resource {key!r}: amount must be >= 0, got {amount:g}")
+    return value
+
+
+Resources = Annotated[dict[Text, Float], AfterValidator(_plain_resources)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(Strict):
-    enabled: bool = False
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    enabled: Bool = False
+    rank: Int = Field(16, ge=1, le=1024)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    target_modules: Annotated[list[Text], Field(min_length=1)] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class ModelConfig(Strict):
     kind: Literal["tiny", "flux", "sd3"] = "tiny"
     # Local directory (or hub id) of a diffusers model; None = the tiny model shipped in the package.
-    path: Optional[str] = None
+    path: Optional[Path_] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Keep trainable weights in float32 (bf16 compute under autocast): bf16 weights round away lr-2e-6 steps.
     master_dtype: Optional[Literal["float32"]] = None
-    resolution: int = Field(32, ge=8, le=4096)
-    guidance: float = Field(3.5, ge=0)  # FLUX distilled guidance
-    cfg_scale: float = Field(1.0, ge=1.0)  # SD3 classifier-free guidance (1 = off)
-    gradient_checkpointing: bool = False
+    resolution: Int = Field(32, ge=8, le=4096)
+    guidance: Float = Field(3.5, ge=0)  # FLUX distilled guidance
+    cfg_scale: Float = Field(1.0, ge=1.0)  # SD3 classifier-free guidance (1 = off)
+    gradient_checkpointing: Bool = False
     lora: LoraConfig = LoraConfig()
 
 
 class MergeConfig(Strict):
     mode: Literal["adaptive", "fixed", "none"] = "adaptive"
-    tau: float = Field(2.2, ge=0)
-    fixed_len: int = Field(2, ge=1)
-    max_merge: Optional[int] = Field(None, ge=1)
-    active_fraction: float = Field(0.5, gt=0, le=1)
+    tau: Float = Field(2.2, ge=0)
+    fixed_len: Int = Field(2, ge=1)
+    max_merge: Optional[Int] = Field(None, ge=1)
+    active_fraction: Float = Field(0.5, gt=0, le=1)
 
 
 class SamplingConfig(Strict):
-    steps: int = Field(16, ge=1, le=1000)
-    shift: float = Field(3.0, gt=0)
-    eta: float = Field(0.7, ge=0, le=10)
+    steps: Int = Field(16, ge=1, le=1000)
+    shift: Float = Field(3.0, gt=0)
+    eta: Float = Field(0.7, ge=0, le=10)
     merge: MergeConfig = MergeConfig()
 
 
 class AlgorithmConfig(Strict):
     strategy: Literal["egrpo", "g2rpo", "dancegrpo", "flowgrpo", "mixgrpo"] = "egrpo"
-    group_size: int = Field(12, ge=2, le=1024)
-    clip_range: float = Field(1e-4, gt=0, lt=1)
-    adv_clip: float = Field(5.0, gt=0)
-    adv_eps: float = Field(1e-8, gt=0)
-    kl_beta: float = Field(0.0, ge=0)
+    group_size: Int = Field(12, ge=2, le=1024)
+    clip_range: Float = Field(1e-4, gt=0, lt=1)
+    adv_clip: Float = Field(5.0, gt=0)
+    adv_eps: Float = Field(1e-8, gt=0)
+    kl_beta: Float = Field(0.0, ge=0)
     logprob_reduction: Literal["mean", "sum"] = "mean"
     multi_reward: Literal["reward", "advantage"] = "reward"
     # Where the ratio's denominator comes from: the sampler's stored log-probs, or a no-grad
     # recompute by the learner before the update (exactly 1 on-policy whatever the numerics).
     old_logprob: Literal["rollout", "recompute"] = "rollout"
-    dance_eta: float = Field(0.3, ge=0)  # DanceGRPO's own constant-noise SDE
-    timestep_fraction: float = Field(0.6, gt=0, le=1)  # DanceGRPO: share of steps trained
-    window_size: int = Field(4, ge=1)  # MixGRPO / Flow-GRPO-Fast SDE window
-    window_shift_every: int = Field(25, ge=1)  # MixGRPO: iterations before the window moves on
+    dance_eta: Float = Field(0.3, ge=0)  # DanceGRPO's own constant-noise SDE
+    timestep_fraction: Float = Field(0.6, gt=0, le=1)  # DanceGRPO: share of steps trained
+    window_size: Int = Field(4, ge=1)  # MixGRPO / Flow-GRPO-Fast SDE window
+    window_shift_every: Int = Field(25, ge=1)  # MixGRPO: iterations before the window moves on
 
 
 class RewardConfig(Strict):
     name: Literal["alignment", "jpeg", "hps", "clip", "pickscore", "imagereward"]
-    weight: float = 1.0
-    path: Optional[str] = None  # local checkpoint (file or directory) for learned rewards
-    model_name: Optional[str] = None  # architecture override (HPS: the open_clip model name, default ViT-H-14)
-    device: str = "cpu"
-    batch_size: int = Field(16, ge=1, le=4096)
-    batch_wait_s: float = Field(0.01, ge=0, le=10)
-    replicas: int = Field(1, ge=1, le=1024)
-    autoscale_max_replicas: Optional[int] = Field(None, ge=1)
-    num_cpus: float = Field(0.25, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = {}  # custom Ray resources per replica (placement on labelled nodes)
+    weight: Float = 1.0
+    path: Optional[Path_] = None  # local checkpoint (file or directory) for learned rewards
+    model_name: Optional[Path_] = None  # architecture override (HPS: the open_clip model name, default ViT-H-14)
+    device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:[0-9]+)?)$")
+    batch_size: Int = Field(16, ge=1, le=4096)
+    batch_wait_s: Float = Field(0.01, ge=0, le=10)
+    replicas: Int = Field(1, ge=1, le=1024)
+    autoscale_max_replicas: Optional[Int] = Field(None, ge=1)
+    num_cpus: Float = Field(0.25, ge=0)
+    num_gpus: Float = Field(0.0, ge=0)
+    resources: Resources = {}  # custom Ray resources per replica (placement on labelled nodes)
 
 
 class PromptsConfig(Strict):
     # "tiny": the procedural shapes task shipped with the package; "file": text or JSONL lists.
     source: Literal["tiny", "file"] = "tiny"
-    train_path: Optional[str] = None
-    test_path: Optional[str] = None
-    heldout_count: int = Field(16, ge=1)
+    train_path: Optional[Path_] = None
+    test_path: Optional[Path_] = None
+    heldout_count: Int = Field(16, ge=1)
 
 
 class RolloutConfig(Strict):
-    workers: int = Field(2, ge=1, le=4096)
-    prompts_per_batch: int = Field(2, ge=1)
-    num_cpus: float = Field(0.25, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = {}  # custom Ray resources per worker (placement on labelled nodes)
+    workers: Int = Field(2, ge=1, le=4096)
+    prompts_per_batch: Int = Field(2, ge=1)
+    num_cpus: Float = Field(0.25, ge=0)
+    num_gpus: Float = Field(0.0, ge=0)
+    resources: Resources = {}  # custom Ray resources per worker (placement on labelled nodes)
     # How new weights reach the workers: through Ray's object store (tiny models, LoRA), or broadcast
     # in flat buckets over a process group of the learner's rank 0 and the workers (nccl on GPU, gloo on CPU).
     weight_sync: Literal["object_store", "collective"] = "object_store"
-    sync_bucket_mb: int = Field(256, ge=1, le=16384)
+    sync_bucket_mb: Int = Field(256, ge=1, le=16384)
     # auto: nccl when the learner has a GPU, else gloo; gloo also where NCCL cannot go (two ranks on one GPU)
     sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    max_restarts: int = Field(3, ge=0, le=1000)  # a dead worker is restarted and rejoins at its prompt cursor
-    reward_retries: int = Field(3, ge=0, le=100)  # a failed reward call is retried (the group is kept)
+    max_restarts: Int = Field(3, ge=0, le=1000)  # a dead worker is restarted and rejoins at its prompt cursor
+    reward_retries: Int = Field(3, ge=0, le=100)  # a failed reward call is retried (the group is kept)
 
 
 class LearnerConfig(Strict):
-    workers: int = Field(1, ge=1, le=4096)
+    workers: Int = Field(1, ge=1, le=4096)
     # ddp: every rank holds the whole model, gradients and optimizer state (LoRA, small models);
     # fsdp: FSDP2 shards them per transformer block, float32 master weights, bf16 compute (full fine-tunes).
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = {}  # custom Ray resources per worker (placement on labelled nodes)
-    iterations: int = Field(20, ge=1)
-    prompts_per_step: int = Field(4, ge=1)  # prompts whose groups make one update
-    minibatch_rows: int = Field(8, ge=1)  # (prompt, entry) rows per gradient step
-    epochs: int = Field(1, ge=1, le=100)  # passes over each batch
-    lr: float = Field(2e-6, gt=0, le=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    max_staleness: int = Field(0, ge=0)
-    queue_capacity: int = Field(64, ge=1)
-    checkpoint_every: int = Field(10, ge=1)
-    keep_checkpoints: Optional[int] = Field(3, ge=1)  # the last K checkpoints (and the best) are kept; None = all
-    max_failures: int = Field(2, ge=0, le=1000)  # learner group restarts from the latest checkpoint
+    num_cpus: Float = Field(0.5, ge=0)
+    num_gpus: Float = Field(0.0, ge=0)
+    resources: Resources = {}  # custom Ray resources per worker (placement on labelled nodes)
+    iterations: Int = Field(20, ge=1)
+    prompts_per_step: Int = Field(4, ge=1)  # prompts whose groups make one update
+    minibatch_rows: Int = Field(8, ge=1)  # (prompt, entry) rows per gradient step
+    epochs: Int = Field(1, ge=1, le=100)  # passes over each batch
+    lr: Float = Field(2e-6, gt=0, le=1)
+    weight_decay: Float = Field(1e-4, ge=0)
+    grad_clip: Float = Field(1.0, gt=0)
+    max_staleness: Int = Field(0, ge=0)
+    queue_capacity: Int = Field(64, ge=1)
+    checkpoint_every: Int = Field(10, ge=1)
+    keep_checkpoints: Optional[Int] = Field(3, ge=1)  # the last K checkpoints (and the best) are kept; None = all
+    max_failures: Int = Field(2, ge=0, le=1000)  # learner group restarts from the latest checkpoint
 
 
 class ClusterConfig(Strict):
     # None: start a local cluster (the embedded default); "auto" or "ray://...": attach to one.
-    address: Optional[str] = None
+    address: Optional[Path_] = None
     # Scopes this run's Serve applications on a shared cluster; None: the driver picks one per run.
     run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    num_cpus: Optional[float] = Field(None, gt=0)
-    startup_timeout_s: float = Field(60.0, gt=0)
-    http_enabled: bool = False
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(8000, ge=1, le=65535)
-    max_image_bytes: int = Field(8 << 20, ge=1)
-    max_images_per_request: int = Field(64, ge=1)
-    max_image_pixels: int = Field(2048 * 2048, ge=1)  # reward HTTP: larger images are refused (400)
-    reward_timeout_s: float = Field(120.0, gt=0)  # reward HTTP: a request that takes longer answers 503
-    max_requests_in_flight: int = Field(32, ge=1)  # reward HTTP: more concurrent requests answer 503
+    num_cpus: Optional[Float] = Field(None, gt=0)
+    startup_timeout_s: Float = Field(60.0, gt=0)
+    http_enabled: Bool = False
+    http_host: Text = "127.0.0.1"
+    http_port: Int = Field(8000, ge=1, le=65535)
+    max_image_bytes: Int = Field(8 << 20, ge=1)
+    max_images_per_request: Int = Field(64, ge=1)
+    max_image_pixels: Int = Field(2048 * 2048, ge=1)  # reward HTTP: larger images are refused (400)
+    reward_timeout_s: Float = Field(120.0, gt=0)  # reward HTTP: a request that takes longer answers 503
+    max_requests_in_flight: Int = Field(32, ge=1)  # reward HTTP: more concurrent requests answer 503
 
 
 class LoggingConfig(Strict):
-    output_dir: str = "runs/tiny"
-    log_every: int = Field(1, ge=1)
-    grid_every: int = Field(10, ge=1)
-    metrics_port: Optional[int] = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = any free port
-    metrics_host: str = "127.0.0.1"
+    output_dir: Path_ = "runs/tiny"
+    log_every: Int = Field(1, ge=1)
+    grid_every: Int = Field(10, ge=1)
+    metrics_port: Optional[Int] = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = any free port
+    metrics_host: Text = "127.0.0.1"
 
 
 class ExperimentConfig(Strict):
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
     model: ModelConfig = ModelConfig()
     sampling: SamplingConfig = SamplingConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
@@ -186,6 +229,10 @@ class ExperimentConfig(Strict):
             raise ValueError(f"model.path is required for model.kind '{self.model.kind}'")
         if self.learner.prompts_per_step % self.learner.workers:
             raise ValueError("learner.prompts_per_step must be a multiple of learner.workers")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"rewards lists {dup!r} twice (one entry per reward)")
         return self
 
 
@@ -204,7 +251,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        _check_aliases(raw, f"--set {key.strip()}")
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -241,19 +289,89 @@ def validate(data: Any) -> ExperimentConfig:
         raise ConfigError(_one_line(err)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML, not a data file
+MAX_YAML_ALIASES = 64  # anchors are for sharing a block or two; thousands of aliases is an expansion bomb
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(where: str, err: yaml.YAMLError) -> ConfigError:
+    mark = getattr(err, "problem_mark", None)
+    line = f" (line {mark.line + 1})" if mark is not None else ""
+    problem = getattr(err, "problem", None) or (err.reason if isinstance(err, yaml.reader.ReaderError) else None)
+    detail = f": {' '.join(str(problem).split())}" if problem else ""
+    return ConfigError(f"{where}: invalid YAML{line}{detail}")
+
+
+def _check_aliases(text: str, where: str) -> None:
+    """Refuse many aliases before constructing anything (raises yaml.YAMLError on unparsable text)."""
+    aliases = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise ConfigError(f"{where}: more than {MAX_YAML_ALIASES} YAML aliases (an alias expansion bomb?)")
+
+
+def parse_yaml_config(text: str, where: str) -> Any:
+    """YAML text -> data, refusing alias bombs and duplicate keys; errors are one-line ConfigErrors."""
+    try:
+        _check_aliases(text, where)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise _yaml_error(where, err) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
+def read_config_text(path: str | Path) -> str:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"config file is not a file: {p}")
+    try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {size} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})")
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot be read ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {err.start}); a config is YAML text") from None
+    bad = next((i for i, c in enumerate(text) if c == "\x00"), None)
+    if bad is not None:
+        raise ConfigError(f"{p}: NUL byte at offset {bad}; a config is YAML text")
+    return text.removeprefix("\ufeff")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML file (None = all defaults), apply ``key=value`` overrides, validate."""
     data: Any = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{p}: invalid YAML{where}") from None
+        data = parse_yaml_config(read_config_text(path), str(Path(path).expanduser()))
+        if data is None:
+            data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return validate(apply_overrides(data, overrides or []))

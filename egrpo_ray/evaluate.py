@@ -206,11 +206,48 @@ def _resolve_checkpoint(path: str) -> Path:
     return p
 
 
+def _check_device(name: Optional[str]) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _check_state_file(ckpt: Path) -> None:
+    """A directory of trainable weights (or one file): the safetensors file load_state_file reads, complete."""
+    from egrpo_ray.checkpoint import CheckpointError, check_safetensors
+    from egrpo_ray.models.diffusers_common import TRAINABLE_FILE
+
+    path = ckpt
+    if ckpt.is_dir():
+        files = [ckpt / TRAINABLE_FILE] if (ckpt / TRAINABLE_FILE).is_file() else sorted(ckpt.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ConfigError(f"--checkpoint {ckpt}: not a checkpoint (no lora/ or transformer/ export, no "
+                              f"{TRAINABLE_FILE}; {len(files)} .safetensors files)")
+        path = files[0]
+    try:
+        check_safetensors(path)
+    except CheckpointError as err:
+        raise ConfigError(f"--checkpoint: {err}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def run(args: argparse.Namespace) -> int:
     from egrpo_ray.config import load_config
     from egrpo_ray.models import build_policy
+    from egrpo_ray.preflight import check_model, check_output_dir, check_reward
     from egrpo_ray.rewards import build_reward
 
+    # Everything is checked before a model is loaded or a file written: one line and exit 2.
     cfg = load_config(args.config, args.overrides)
     prompts = eval_prompts(cfg)
     if args.num_prompts is not None:
@@ -219,29 +256,50 @@ def run(args: argparse.Namespace) -> int:
         prompts = prompts[: args.num_prompts]
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    rewards = {}
-    for rc in _reward_configs(cfg, args.rewards, args.reward_path):
-        try:
-            rewards[rc.name] = build_reward(rc)
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise ConfigError(f"reward {rc.name}: {err}") from None
-    try:
-        policy = build_policy(cfg.model)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise ConfigError(f"model: {str(err).splitlines()[0]}") from None
-    label = args.label or "base"
+    device = _check_device(args.device)
+    reward_configs = _reward_configs(cfg, args.rewards, args.reward_path)
+    for i, rc in enumerate(reward_configs):
+        check_reward(rc, i)
+    check_model(cfg.model)
+    ckpt = None
     if args.checkpoint:
-        from egrpo_ray.checkpoint import has_export, load_export
+        from egrpo_ray.checkpoint import check_export, has_export, load_export
         from egrpo_ray.models.diffusers_common import load_state_file
 
         ckpt = _resolve_checkpoint(args.checkpoint)
+        if has_export(ckpt):
+            try:
+                check_export(ckpt)  # a truncated or corrupt export fails here, not after the model loaded
+            except ConfigError as err:
+                raise ConfigError(f"--checkpoint: {err}") from None
+        else:
+            _check_state_file(ckpt)
+    elif args.lora and not Path(args.lora).exists():
+        raise ConfigError(f"--lora {args.lora}: not found")
+    output_dir = args.output_dir or str(Path(cfg.logging.output_dir) / "eval")
+    check_output_dir(output_dir, "--output-dir")
+
+    rewards = {}
+    for rc in reward_configs:
+        try:
+            rewards[rc.name] = build_reward(rc)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise ConfigError(f"reward {rc.name}: {_first_line(err)}") from None
+    try:
+        policy = build_policy(cfg.model)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise ConfigError(f"model: {_first_line(err)}") from None
+    label = args.label or "base"
+    if ckpt is not None:
         try:
             if has_export(ckpt):  # a training checkpoint: its LoRA or transformer export
                 load_export(policy, ckpt)
             else:  # a save_trainable directory
                 policy.load_trainable_state(load_state_file(ckpt))
-        except (FileNotFoundError, KeyError, RuntimeError) as err:
-            raise ConfigError(f"--checkpoint {ckpt}: {err}") from None
+        except ConfigError:
+            raise
+        except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"--checkpoint {ckpt}: {_first_line(err)}") from None
         label = args.label or ckpt.name
     elif args.lora:
         if not hasattr(policy, "load_lora"):
@@ -249,11 +307,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             policy.load_lora(args.lora)
         except (FileNotFoundError, KeyError, ValueError) as err:
-            raise ConfigError(f"--lora {args.lora}: {err}") from None
+            raise ConfigError(f"--lora {args.lora}: {_first_line(err)}") from None
         label = args.label or f"lora:{Path(args.lora).name}"
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy.to(device)
-    output_dir = args.output_dir or str(Path(cfg.logging.output_dir) / "eval")
     seed = cfg.seed if args.seed is None else args.seed
     result = evaluate(policy, prompts, rewards, cfg.sampling.steps, cfg.sampling.shift, seed, args.batch_size,
                       output_dir, label=label)

@@ -13,15 +13,34 @@ from egrpo_ray.images import to_float, to_uint8
 
 
 class MetricsWriter:
-    """Appends one JSON object per learner step (resumed runs keep appending)."""
+    """One JSON object per learner step in ``metrics.jsonl`` (or another ``name``): exactly one line per step,
+    however the run was stopped, restarted or resumed. A record for a step at or below the last one written
+    (a learner that restarted from a checkpoint replays its steps) first drops the lines from that step on;
+    ``rewind(step)`` drops every line after ``step`` (a resume from the checkpoint at ``step``)."""
 
-    def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(self, output_dir: str | Path, name: str = "metrics.jsonl"):
+        self.path = Path(output_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = self.read()
+        self.last_step = max((int(r.get("step", 0)) for r in records), default=None)
 
     def write(self, record: Mapping[str, Any]) -> None:
+        step = record.get("step")
+        if step is not None and self.last_step is not None and step <= self.last_step:
+            self.rewind(step - 1)
         with self.path.open("a") as f:
             f.write(json.dumps(dict(record)) + "\n")
+        if step is not None:
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    def rewind(self, step: int) -> list[dict]:
+        """Keep the records up to ``step`` (rewritten atomically); returns them."""
+        kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+        self.last_step = max((int(r.get("step", 0)) for r in kept), default=None)
+        return kept
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []

@@ -8,12 +8,14 @@ Files are HPD-style train and test sets:
 - ``.json``: a list of strings or of objects as in .jsonl (HPD's test files are JSON lists).
 
 Every problem raises ``ConfigError`` with one line naming the file (and line): a missing file, an
-empty list, an undecodable file, a malformed JSON line, a record without a prompt.
+empty list, an undecodable (not UTF-8) file, control characters other than tab (a binary file, a NUL),
+a malformed JSON line, a record without a prompt.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +23,23 @@ from typing import Sequence
 from egrpo_ray.config import ConfigError, PromptsConfig
 
 PROMPT_FIELDS = ("prompt", "caption")
+MAX_PROMPT_FILE_BYTES = 1 << 30
+
+
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls except tab
+_CONTROL_IN_FILE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # ... and except newline, CR
+
+
+def _control_char(text: str, pattern: re.Pattern = _CONTROL) -> int | None:
+    """Index of the first control character the pattern matches, or None."""
+    m = pattern.search(text)
+    return m.start() if m else None
+
+
+def _check_text(text: str, where: str) -> None:
+    i = _control_char(text)
+    if i is not None:
+        raise ConfigError(f"{where}: control character {text[i]!r} in a prompt (only tab is allowed)")
 
 
 def _record_prompt(record, where: str) -> str:
@@ -37,6 +56,7 @@ def _record_prompt(record, where: str) -> str:
     text = text.strip()
     if not text:
         raise ConfigError(f"{where}: empty prompt")
+    _check_text(text, where)
     return text
 
 
@@ -48,15 +68,23 @@ def load_prompt_file(path: str | Path) -> list[str]:
     if not p.is_file():
         raise ConfigError(f"prompt file is not a file: {p}")
     try:
-        text = p.read_text(encoding="utf-8")
+        size = p.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise ConfigError(f"{p}: {size} bytes is too large for a prompt file (limit {MAX_PROMPT_FILE_BYTES})")
+        text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{p}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
-        raise ConfigError(f"{p}: cannot be read ({err.strerror})") from None
+        raise ConfigError(f"{p}: cannot be read ({err.strerror or err})") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+    bad = _control_char(text, _CONTROL_IN_FILE)
+    if bad is not None:
+        line = text.count("\n", 0, bad) + 1
+        raise ConfigError(f"{p}:{line}: control character {text[bad]!r} (a binary file? only tab is allowed in prompts)")
     suffix = p.suffix.lower()
     prompts: list[str] = []
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -73,7 +101,7 @@ def load_prompt_file(path: str | Path) -> list[str]:
             raise ConfigError(f"{p}: expected a JSON list of prompts")
         prompts = [_record_prompt(r, f"{p}: item {i}") for i, r in enumerate(data)]
     elif suffix in (".txt", ""):
-        for line in text.splitlines():
+        for line in text.split("\n"):
             s = line.strip()
             if s and not s.startswith("#"):
                 prompts.append(s)

@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 FIRST_ITERATIONS, RESUME_ITERATIONS, CHECKPOINT_EVERY = 2, 3, 2
 LABELS = ("learner_node", "rollout_node", "reward_node")
-REWARD_REPLICA = "ServeReplica:egrpo-reward-alignment:reward_alignment"  # Serve's replica actor class
-ROLES = {"rollout": "RolloutWorker", "learner": "RayTrainWorker", "reward": REWARD_REPLICA}
+# Actor class names: Serve's replica is "ServeReplica:<run-scoped app name>:reward_alignment"
+ROLES = {"rollout": "RolloutWorker", "learner": "RayTrainWorker", "reward": ":reward_alignment"}
 EXPECTED_NODE = {"rollout": "rollout_node", "learner": "learner_node", "reward": "reward_node"}
 
 OVERRIDES = [
@@ -114,7 +114,8 @@ def placement(labels: dict[str, str], seen: set[str]) -> tuple[dict, set[str]]:
         if a.actor_id in seen:
             continue
         for role, cls in ROLES.items():
-            if a.class_name == cls:
+            if a.class_name == cls or (cls.startswith(":") and a.class_name.startswith("ServeReplica:")
+                                       and a.class_name.endswith(cls)):
                 ids.add(a.actor_id)
                 out[role][labels.get(a.node_id, f"unknown:{a.node_id}")] += 1
     return {role: dict(c) for role, c in out.items()}, ids

@@ -62,11 +62,14 @@ def test_strict_on_policy_ratio_is_exactly_one_on_each_first_minibatch(first_run
 def test_resume_continues_the_step_counter(first_run):
     from egrpo_ray.distributed.driver import train
 
-    out, _ = first_run
+    out, first = first_run
     # a 2-rank FSDP checkpoint resumes on 1 DDP rank (the sharded state is resharded on load)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["learner.iterations=8", "learner.workers=1"])
     summary = train(cfg, str(out), resume=True, progress=False)
     steps = [r["step"] for r in _records(out)]
     assert steps == list(range(1, 9))
     assert summary["resumed_from"].endswith("step_000006") and summary["steps_completed"] == 8
+    assert summary["steps_this_run"] == 2 and summary["completed"] and not summary["interrupted"]
+    assert summary["heldout_reward_before"] == first["heldout_reward_before"]  # the base model's, kept from run 1
+    assert not any(summary["failures"].values())
     assert latest_checkpoint(out).name == "step_000008"

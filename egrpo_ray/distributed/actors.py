@@ -4,35 +4,51 @@ All three take no CPU (they only hold data), so they never compete with rollout 
 """
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections import Counter, deque
 
 import ray
 
 
-@ray.remote(num_cpus=0, max_concurrency=16)  # threads: a waiting get must not block puts
+@ray.remote(num_cpus=0)  # an asyncio actor: waiting gets and puts cost a coroutine each, not a thread
 class ReplayQueue:
     """Whole scored groups (ScoredRollout items) tagged with the policy version that sampled them.
 
-    Bounded: ``put`` answers "full" and the producer waits (back-pressure). ``get`` drops items older
-    than ``max_staleness`` versions behind the learner and counts them. ``close`` stops producers.
+    Bounded: ``put`` waits up to ``timeout_s`` for room, then answers "full" and the producer tries again
+    (back-pressure). Items more than ``max_staleness`` versions behind the learner are dropped and counted.
+    ``close`` stops producers and wakes every waiting call. ``produced_by_worker`` is each rollout worker's
+    prompt cursor (the batches it has delivered): a restarted worker, or a resumed run, continues from it.
     """
 
-    def __init__(self, capacity: int, max_staleness: int):
+    def __init__(self, capacity: int, max_staleness: int, produced_by_worker: dict | None = None):
         self.capacity, self.max_staleness = capacity, max_staleness
         self.items: deque = deque()
         self.learner_version = 0
+        self.min_version = 0  # after a learner restart, groups sampled by the abandoned weights are refused
         self.closed = False
         self.counts = Counter()
-        self.produced_by_worker: Counter = Counter()
-        self.cv = threading.Condition()
+        self.produced_by_worker: Counter = Counter({int(k): int(v) for k, v in (produced_by_worker or {}).items()})
+        self.changed = asyncio.Condition()
 
-    def put(self, item) -> str:
-        with self.cv:
+    def _stale(self, item) -> bool:
+        return self.learner_version - item.policy_version > self.max_staleness or item.policy_version < self.min_version
+
+    async def _wait(self, predicate, timeout_s: float) -> None:
+        if not predicate() and timeout_s > 0:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(predicate), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def put(self, item, timeout_s: float = 0.0) -> str:
+        """"ok", "stale" (sampled by weights the learner has left behind), "full" (no room within
+        ``timeout_s``) or "closed"."""
+        async with self.changed:
+            await self._wait(lambda: self.closed or self._stale(item) or len(self.items) < self.capacity, timeout_s)
             if self.closed:
                 return "closed"
-            if self.learner_version - item.policy_version > self.max_staleness:
+            if self._stale(item):
                 self.counts["dropped_stale_on_put"] += 1
                 self.produced_by_worker[item.worker] += 1
                 return "stale"
@@ -42,45 +58,59 @@ class ReplayQueue:
             self.items.append(item)
             self.counts["accepted"] += 1
             self.produced_by_worker[item.worker] += 1
-            self.cv.notify_all()
+            self.changed.notify_all()
             return "ok"
 
-    def set_learner_version(self, version: int) -> None:
-        with self.cv:
+    async def set_learner_version(self, version: int) -> None:
+        async with self.changed:
             self.learner_version = version
             self._drop_stale()
+            self.changed.notify_all()
+
+    async def restart_from(self, version: int) -> None:
+        """A restarted learner continues with ``version``: everything sampled before it is dropped."""
+        async with self.changed:
+            self.counts["dropped_on_learner_restart"] += len(self.items)
+            self.items.clear()
+            self.learner_version = self.min_version = version
+            self.changed.notify_all()
 
     def _drop_stale(self) -> None:
-        keep = deque(it for it in self.items if self.learner_version - it.policy_version <= self.max_staleness)
+        keep = deque(it for it in self.items if not self._stale(it))
         self.counts["dropped_stale"] += len(self.items) - len(keep)
         self.items = keep
 
-    def get(self, num_prompts: int, timeout_s: float) -> list:
-        """Whole items covering at least ``num_prompts`` prompts; [] on timeout or close."""
-        deadline = time.monotonic() + timeout_s
-        with self.cv:
-            while True:
-                self._drop_stale()
-                if sum(it.num_prompts for it in self.items) >= num_prompts:
-                    out, got = [], 0
-                    while got < num_prompts:
-                        it = self.items.popleft()
-                        out.append(it)
-                        got += it.num_prompts
-                    self.counts["delivered"] += len(out)
-                    return out
-                left = deadline - time.monotonic()
-                if self.closed or left <= 0:
-                    return []
-                self.cv.wait(min(left, 1.0))
+    def _prompts(self) -> int:
+        return sum(it.num_prompts for it in self.items)
 
-    def close(self) -> None:
-        with self.cv:
+    async def get(self, num_prompts: int, timeout_s: float) -> list:
+        """Whole items covering at least ``num_prompts`` prompts, waiting up to ``timeout_s`` for them;
+        [] on timeout or close."""
+        async with self.changed:
+            self._drop_stale()
+            await self._wait(lambda: self.closed or self._prompts() >= num_prompts, timeout_s)
+            self._drop_stale()
+            if self._prompts() < num_prompts:
+                return []
+            out, got = [], 0
+            while got < num_prompts:
+                out.append(self.items.popleft())
+                got += out[-1].num_prompts
+            self.counts["delivered"] += len(out)
+            self.changed.notify_all()  # room for waiting producers
+            return out
+
+    async def close(self) -> None:
+        async with self.changed:
             self.closed = True
-            self.cv.notify_all()
+            self.changed.notify_all()
 
     def is_closed(self) -> bool:
         return self.closed
+
+    def produced(self, worker: int) -> int:
+        """How many prompt batches ``worker`` has delivered (its prompt cursor)."""
+        return self.produced_by_worker[worker]
 
     def stats(self) -> dict:
         return {"depth": len(self.items), "learner_version": self.learner_version, **self.counts,
@@ -109,12 +139,15 @@ class WeightStore:
 
 @ray.remote(num_cpus=0)
 class RunLog:
-    """Per-step metrics and images from the learner, polled by the driver; also the stop flag."""
+    """What the driver follows: per-step metrics and images from the learner, failures from anyone
+    (one line each, as they happen), and the stop flag."""
 
     def __init__(self):
         self.records: list[dict] = []
         self.images: list[tuple[int, str, object]] = []
+        self.failures: list[dict] = []
         self.stop_requested = False
+        self.learner_starts = 0
 
     def record(self, metrics: dict) -> None:
         self.records.append(metrics)
@@ -122,8 +155,17 @@ class RunLog:
     def add_images(self, step: int, tag: str, images_uint8) -> None:
         self.images.append((step, tag, images_uint8))
 
-    def since(self, n_records: int, n_images: int) -> tuple[list[dict], list]:
-        return self.records[n_records:], self.images[n_images:]
+    def failure(self, kind: str, message: str) -> None:
+        """``kind`` counts it (rollout_restarts, rollout_lost, reward_retries, learner_restarts)."""
+        self.failures.append({"kind": kind, "message": message, "time": time.time()})
+
+    def since(self, n_records: int, n_images: int, n_failures: int = 0) -> tuple[list[dict], list, list[dict]]:
+        return self.records[n_records:], self.images[n_images:], self.failures[n_failures:]
+
+    def learner_started(self) -> int:
+        """Called by the learner's rank 0 at each start: 0 first, then the number of restarts."""
+        self.learner_starts += 1
+        return self.learner_starts - 1
 
     def request_stop(self) -> None:
         self.stop_requested = True

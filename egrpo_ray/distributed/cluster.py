@@ -6,6 +6,7 @@ actors stay pending), so every resource need is summed up front and compared wit
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -107,11 +108,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None) -> bool:
+# The embedded cluster this process started (at most one): what shutdown_ray must undo.
+_EMBEDDED: dict | None = None
+TOKEN_FILE = "auth_token"  # in the run's temp dir, mode 0600
+WATCHDOG_MODULE = "egrpo_ray.distributed.cluster"
+
+
+def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None, *, loopback: bool = True, token_auth: bool = True,
+             watchdog: bool = True) -> bool:
     """Attach to ``cluster.address`` or start a local cluster (the embedded default) on free ports.
-    Returns True when this process started the cluster (and so should shut it down)."""
+    Returns True when this process started the cluster (and so should shut it down).
+
+    The embedded cluster is private (docs/network.md): every Ray process binds 127.0.0.1 (``loopback``),
+    Ray's token auth is on with a fresh token in the run's temp dir (``token_auth``), and a small watchdog
+    process (``watchdog``) ends the cluster and removes the temp dir if this process dies without
+    shutdown_ray (SIGKILL, OOM killer)."""
     import ray
 
+    global _EMBEDDED
     if ray.is_initialized():
         return False
     env = {"RAY_DEDUP_LOGS": "1"}
@@ -122,29 +136,223 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None) -> bool:
             raise ClusterError(f"cannot reach the Ray cluster at {cfg.cluster.address}: {err}") from None
         return False
     num_cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
-    temp_dir = temp_dir or tempfile.mkdtemp(prefix="egrpo_ray_", dir="/tmp")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",  # a private cluster: nothing listens beyond loopback
-        include_dashboard=True,  # Train's controller uses the state API, which the dashboard serves
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-        _temp_dir=temp_dir,
-        runtime_env={"env_vars": env},
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    own_temp = temp_dir is None
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="egrpo_ray_", dir="/tmp")  # mode 0700
+    restore = _private_cluster_env(temp_dir, loopback, token_auth)
+    if loopback:  # gloo binds the address of the host name unless told the interface (torch's TCPStore: all, always)
+        env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,  # Train's controller uses the state API, which the dashboard serves
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            _temp_dir=temp_dir,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    except BaseException:
+        try:
+            ray.shutdown()
+        finally:
+            _restore_env(restore)
+            if own_temp:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    _EMBEDDED = {"temp_dir": temp_dir, "own_temp": own_temp, "restore": restore,
+                 "watchdog": _start_watchdog(temp_dir, own_temp) if watchdog else None}
     return True
 
 
-def shutdown_ray(started: bool) -> None:
-    """Disconnect; a cluster this process started is shut down with it."""
+def shutdown_ray(started: bool, *, wait_s: float = 20.0) -> None:
+    """Disconnect; a cluster this process started is shut down with it: every process of that cluster has
+    exited when this returns (stragglers are killed after ``wait_s``), and the temp dir init_ray made is gone."""
     import ray
 
-    if started:
+    global _EMBEDDED
+    if not started:
+        return
+    state, _EMBEDDED = _EMBEDDED, None
+    if state is None:  # started by an older init_ray or by hand: plain shutdown
         ray.shutdown()
+        return
+    procs = cluster_processes(os.getpid(), state["temp_dir"])
+    try:
+        ray.shutdown()
+    finally:
+        _end_processes(procs, wait_s)
+        _end_processes(cluster_processes(os.getpid(), state["temp_dir"]), 5.0)  # started during shutdown
+        if state["watchdog"] is not None:
+            state["watchdog"].terminate()
+            state["watchdog"].wait(10)
+        _restore_env(state["restore"])
+        if state["own_temp"]:
+            shutil.rmtree(state["temp_dir"], ignore_errors=True)
+
+
+def _private_cluster_env(temp_dir: str, loopback: bool, token_auth: bool) -> dict:
+    """Set what the embedded cluster's processes inherit; returns what _restore_env puts back.
+
+    loopback: Ray replaces 127.0.0.1 as the node IP by the routable address (``_node_ip_address`` does not pin
+    it), and gcs_server, raylet, the agents and every worker bind their gRPC ports to the node IP. Ray's own
+    single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the macOS/Windows default) makes the node IP
+    127.0.0.1, so every process binds loopback. The variable is read when ``ray`` is imported: the child
+    processes read it from the environment, this (already importing) process gets the module constant set.
+
+    token_auth: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN_PATH at a fresh 0600 token in the run's temp dir
+    (never ~/.ray/auth_token, which Ray writes world-readable and shares between every cluster of the user).
+    """
+    from ray._private import ray_constants
+
+    keys = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+    restore = {"env": {k: os.environ.get(k) for k in keys}, "enable_cluster": ray_constants.ENABLE_RAY_CLUSTER,
+               "auth": token_auth}
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    if token_auth:
+        import secrets
+
+        path = os.path.join(temp_dir, TOKEN_FILE)
+        if os.path.exists(path):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 bits
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = path
+        _reload_ray_auth()
+    return restore
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray core see the auth settings now in os.environ (mode and token are cached)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _restore_env(restore: dict) -> None:
+    from ray._private import ray_constants
+
+    for key, value in restore["env"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    ray_constants.ENABLE_RAY_CLUSTER = restore["enable_cluster"]
+    if restore["auth"]:
+        _reload_ray_auth()
+
+
+# --- the cluster's processes, and the watchdog that ends them when the driver dies ------------------------------
+
+def cluster_processes(driver_pid: int, temp_dir: str) -> list:
+    """The processes of the embedded cluster started by ``driver_pid``: its children whose command line names the
+    cluster's temp dir (gcs_server, raylet, dashboard, monitor, log monitor), and all their descendants (agents,
+    workers). Orphans of a dead driver are found by the temp dir in their command line or their parent."""
+    import psutil
+
+    def names_temp(p) -> bool:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            return False
+        return any(temp_dir in arg for arg in cmd) and WATCHDOG_MODULE not in cmd
+
+    try:
+        heads = [p for p in psutil.Process(driver_pid).children() if names_temp(p)]
+    except psutil.Error:
+        heads = [p for p in psutil.process_iter() if names_temp(p)]
+    found = {}
+    for head in heads:
+        found[head.pid] = head
+        try:
+            for child in head.children(recursive=True):
+                found[child.pid] = child
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+def _end_processes(procs: list, wait_s: float) -> list:
+    """Wait up to wait_s for procs to exit, then SIGTERM, then SIGKILL; returns those still alive (none)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for sig_wait in ("terminate", "kill"):
+        for p in alive:
+            try:
+                getattr(p, sig_wait)()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=3)
+        if not alive:
+            break
+    return alive
+
+
+def _start_watchdog(temp_dir: str, remove_temp: bool):
+    """A process of its own session (Ctrl-C in the terminal does not reach it) that watches this one."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    me = psutil.Process()
+    return subprocess.Popen(
+        [sys.executable, "-m", WATCHDOG_MODULE, "--watch", str(me.pid), repr(me.create_time()),
+         temp_dir, "1" if remove_temp else "0"],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        close_fds=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _watch(driver_pid: int, driver_ctime: float, temp_dir: str, remove_temp: bool, poll_s: float = 1.0) -> None:
+    """Until the driver is gone, remember the cluster's processes; then end them and remove the temp dir.
+    SIGTERM (from shutdown_ray, which cleans up itself) ends the watchdog without touching anything."""
+    import signal
+    import time
+
+    import psutil
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    known: dict[int, psutil.Process] = {}
+    while True:
+        try:
+            driver = psutil.Process(driver_pid)
+            alive = abs(driver.create_time() - driver_ctime) < 1.0 and driver.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        if not alive:
+            break
+        for p in cluster_processes(driver_pid, temp_dir):
+            known.setdefault(p.pid, p)  # psutil.Process checks pid reuse (create time) before signalling
+        known = {pid: p for pid, p in known.items() if p.is_running()}
+        time.sleep(poll_s)
+    procs = {p.pid: p for p in known.values() if p.is_running()}
+    for p in psutil.process_iter():  # orphans started after the last look: named by the temp dir
+        try:
+            cmd = p.cmdline()
+            if p.pid != os.getpid() and any(temp_dir in arg for arg in cmd) and WATCHDOG_MODULE not in cmd:
+                procs[p.pid] = p
+                procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _end_processes(list(procs.values()), 5.0)
+    if remove_temp:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def validate_on_cluster(cfg: ExperimentConfig) -> None:
@@ -155,3 +363,10 @@ def validate_on_cluster(cfg: ExperimentConfig) -> None:
         check_placement(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     except ClusterError as err:
         raise ConfigError(str(err)) from None
+
+
+if __name__ == "__main__":  # the watchdog: python -m egrpo_ray.distributed.cluster --watch PID CTIME TEMP_DIR 0|1
+    import sys
+
+    if len(sys.argv) == 6 and sys.argv[1] == "--watch":
+        _watch(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5] == "1")

@@ -1,21 +1,52 @@
 """``egrpo-ray train``: the single controller. It starts (or joins) the cluster, the reward service,
-the replay queue, weight store and run log, the rollout workers and the Ray Train learner, then reads
-the learner's metrics like a single-process loop would: progress bar, metrics.jsonl, grids, curve."""
+the replay queue, weight store and run log, the rollout workers and the Ray Train learner, then follows
+the run like a single-process loop would: progress bar, metrics.jsonl, grids, curve, one line per failure.
+
+Faults: rollout workers are restartable actors (``RolloutFleet`` gives a restarted one its loop back); reward
+replicas are replaced by Serve and the calls retried; the learner group is restarted by Ray Train from the
+latest checkpoint (FailureConfig). Stops: Ctrl-C (SIGINT) and SIGTERM (``ray job stop``) ask the learner to
+checkpoint the current step, then the run ends with exit code 130 / 143 and summary.json says so. ``ray job
+stop`` sends SIGKILL 3 s after SIGTERM unless the job's runtime env sets RAY_JOB_STOP_WAIT_TIME_S (say 300):
+the learner finishes its step before it checkpoints.
+Resume: the output directory's metrics and held-out records are cut back to the checkpoint's step, so each
+step has exactly one line, and a config change that alters the algorithm or the model is refused.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from egrpo_ray.checkpoint import latest_checkpoint
-from egrpo_ray.config import ConfigError, ExperimentConfig, add_config_args, dump_config, load_config
+from egrpo_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_config_args,
+    dump_config,
+    load_config,
+)
 from egrpo_ray.outputs import MetricsWriter, plot_reward_curve, save_grid
 from egrpo_ray.preflight import preflight
+
+# Config sections whose change alters the algorithm or the model: a resume with a different value is refused.
+GUARDED = ("seed", "model", "sampling", "algorithm", "prompts", "rewards")
+# Reward settings that only place or batch the deployment (free to change on resume).
+REWARD_DEPLOYMENT_KEYS = {"replicas", "num_cpus", "num_gpus", "resources", "batch_size", "batch_wait_s",
+                          "autoscale_max_replicas"}
+FAILURE_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_restarts")
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class LearnerFailed(RuntimeError):
+    """The learner failed more often than learner.max_failures allows (one line; the run can be resumed)."""
 
 
 def _learner_scaling(cfg: ExperimentConfig):
@@ -38,164 +69,301 @@ def new_run_name(output_dir: Path) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', output_dir.name)[:48]}-{secrets.token_hex(4)}"
 
 
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def guarded_settings(config: dict) -> dict:
+    """The flattened settings a resume must not change (GUARDED, without reward deployment settings)."""
+    flat = _flatten({k: config.get(k) for k in GUARDED})
+    return {k: v for k, v in flat.items() if not (k.startswith("rewards.") and k.split(".")[-1] in REWARD_DEPLOYMENT_KEYS)}
+
+
+def check_resume_config(cfg: ExperimentConfig, meta: dict) -> None:
+    """Refuse a resume whose config changes the algorithm or the model, naming the keys."""
+    if not isinstance(meta.get("config"), dict):
+        return  # a checkpoint from before configs were recorded
+    old, new = guarded_settings(meta["config"]), guarded_settings(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise ConfigError(f"--resume: the config changes what the checkpoint was trained with: {shown}{more}; "
+                          "resume with the checkpoint's values or start a new run in another output directory")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (``ray job stop``) ask for a clean stop: the first sets ``received``, a second
+    forces (KeyboardInterrupt). Replaces Ray's handler, which aborts the driver with a C++ stack dump."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_CODES:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class RunHistory:
+    """metrics.jsonl and heldout.jsonl of the output directory, one record per step across stops, restarts
+    and resumes; the held-out 'before' of a resumed run is the first run's (the base model's)."""
+
+    def __init__(self, out: Path, resume_step: int | None):
+        self.metrics = MetricsWriter(out)
+        self.heldout = MetricsWriter(out, "heldout.jsonl")
+        if resume_step is None:  # a fresh run starts fresh files
+            self.metrics.rewind(-1)
+            self.heldout.rewind(-1)
+        else:
+            self.metrics.rewind(resume_step)
+            self.heldout.rewind(resume_step)
+        last = (self.metrics.read() or [{}])[-1]
+        self.failures = Counter({k: int(last.get(k, 0)) for k in FAILURE_KINDS})  # counts so far, across resumes
+        self.steps_this_run = 0
+
+    def add_step(self, record: dict) -> dict:
+        record = {**record, **{k: self.failures[k] for k in FAILURE_KINDS}}
+        self.metrics.write(record)
+        self.steps_this_run += 1
+        return record
+
+    def heldout_by_tag(self) -> dict[str, dict]:
+        return {r["tag"]: r for r in self.heldout.read()}
+
+
 def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = False, progress: bool = True,
           temp_dir: str | None = None) -> dict:
     import ray
-    from ray.train import RunConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from egrpo_ray.distributed.actors import ReplayQueue, RunLog, WeightStore
-    from egrpo_ray.distributed.cluster import init_ray, shutdown_ray, validate_on_cluster
+    from egrpo_ray.distributed.cluster import (
+        init_ray,
+        shutdown_ray,
+        validate_on_cluster,
+    )
     from egrpo_ray.distributed.learner import learner_loop
     from egrpo_ray.distributed.reward_service import delete_rewards, deploy_rewards
-    from egrpo_ray.distributed.rollout import RolloutWorker
+    from egrpo_ray.distributed.rollout import RolloutFleet, RolloutWorker
 
     out = Path(output_dir or cfg.logging.output_dir).resolve()
     checkpoint, meta = preflight(cfg, out, resume)
+    if checkpoint:
+        check_resume_config(cfg, meta)
     if not cfg.cluster.run_name:  # names this run's Serve applications apart from other runs on the cluster
         cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"run_name": new_run_name(out)})})
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    start_step = int(meta.get("step", 0))
+    history = RunHistory(out, start_step if checkpoint else None)
 
     started = init_ray(cfg, temp_dir)
+    signals = StopSignals()  # after ray.init: ours replace Ray's
     t0 = time.perf_counter()
     try:
         validate_on_cluster(cfg)
-        queue = ReplayQueue.remote(cfg.learner.queue_capacity, cfg.learner.max_staleness)
-        store, log = WeightStore.remote(), RunLog.remote()
         done_batches = meta.get("prompt_batches_by_worker", {})
+        queue = ReplayQueue.remote(cfg.learner.queue_capacity, cfg.learner.max_staleness, done_batches)
+        store, log = WeightStore.remote(), RunLog.remote()
         # Actors start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
             RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                                  resources=cfg.rollout.resources).remote(
-                cfg.model_dump(), i, queue, store, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None)
+                                  resources=cfg.rollout.resources, max_restarts=cfg.rollout.max_restarts,
+                                  name=f"{cfg.cluster.run_name}-rollout-{i}").remote(
+                cfg.model_dump(), i, queue, store, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None,
+                log=log)
             for i in range(cfg.rollout.workers)
         ]
         deploy_rewards(cfg)
         ready = [w.ready.remote() for w in workers]  # actor tasks run in order: ready, then run
-        worker_runs = [w.run.remote() for w in workers]
+        fleet = RolloutFleet(cfg, workers, queue, log)
         scaling, torch_config = _learner_scaling(cfg)
         trainer = TorchTrainer(
             learner_loop,
             train_loop_config={"cfg": cfg.model_dump(), "queue": queue, "store": store, "log": log, "workers": workers,
                                "output_dir": str(out), "resume_from": str(checkpoint) if checkpoint else None},
             scaling_config=scaling, torch_config=torch_config,
-            run_config=RunConfig(name="learner", storage_path=str(out / "ray_train")),
+            # Train's own failure logs are tracebacks; the run log reports each restart in one line instead.
+            run_config=RunConfig(name="learner", storage_path=str(out / "ray_train"),
+                                 failure_config=FailureConfig(max_failures=cfg.learner.max_failures),
+                                 logging_config=LoggingConfig(log_level="ERROR")),
         )
-        fit_error: list[BaseException] = []
-
-        def fit() -> None:
-            try:
-                trainer.fit()
-            except BaseException as err:  # surfaced by the driver loop below
-                fit_error.append(err)
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
+        learner = _Background(trainer.fit)
         try:
             ray.get(ready, timeout=cfg.cluster.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            ray.get(log.request_stop.remote())
+            _request_stop(log, queue)
             raise ConfigError(f"rollout workers did not start within {cfg.cluster.startup_timeout_s:g} s "
                               "(the cluster lacks the resources they ask for?)") from None
-        summary = _follow(cfg, out, log, thread, int(meta.get("step", 0)), progress)
+
+        summary = _follow(cfg, out, history, log, queue, fleet, learner, signals, start_step, progress)
+
         summary["startup_s"] = summary.pop("first_step_at") - t0
         t_learner_done = time.perf_counter()
         ray.get(queue.close.remote())
-        worker_stats = ray.get(worker_runs, timeout=120)
+        worker_stats = fleet.drain(120)
         summary["rollout_drain_s"] = time.perf_counter() - t_learner_done
-        if fit_error:
-            raise RuntimeError(f"the learner failed: {fit_error[0]}")
+        latest = latest_checkpoint(out)
         summary.update(
             wall_seconds=time.perf_counter() - t0,
             rollout_workers=worker_stats,
             queue=ray.get(queue.stats.remote()),
             resumed_from=str(checkpoint) if checkpoint else None,
             output_dir=str(out),
-            latest_checkpoint=str(latest_checkpoint(out)) if latest_checkpoint(out) else None,
+            latest_checkpoint=str(latest) if latest else None,
         )
+        if learner.error is not None:
+            summary.update(failed=True, error=_first_line(learner.error))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if learner.error is not None:
+            raise LearnerFailed(f"the learner failed ({_first_line(learner.error)}) after "
+                                f"{summary['failures']['learner_restarts']} restart(s) (learner.max_failures = "
+                                f"{cfg.learner.max_failures}); last checkpoint: {summary['latest_checkpoint']}; "
+                                "resume with --resume")
         return summary
-    except KeyboardInterrupt:
-        ray.get(log.request_stop.remote()) if "log" in locals() else None
+    except KeyboardInterrupt:  # a second Ctrl-C: stop without waiting for the checkpoint
+        if "log" in locals():
+            _request_stop(log, queue)
         raise
     finally:
+        signals.restore()
         try:
             delete_rewards(cfg)  # only this run's applications: the cluster may be shared
         finally:
             shutdown_ray(started)
 
 
-def _follow(cfg: ExperimentConfig, out: Path, log, thread: threading.Thread, start_step: int, progress: bool) -> dict:
-    """Stream the learner's records into metrics.jsonl, Prometheus, the progress bar, grids and the curve."""
+class _Background:
+    """Runs ``fn`` (TorchTrainer.fit) on a thread; its exception is kept for the driver loop."""
+
+    def __init__(self, fn):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as err:  # surfaced by the driver
+            self.error = err
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+
+def _request_stop(log, queue) -> None:
     import ray
 
-    writer = MetricsWriter(out)
+    ray.get([log.request_stop.remote(), queue.close.remote()])
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [l for l in str(err).strip().splitlines() if l.strip()]
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
+def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, fleet, learner: _Background,
+            signals: StopSignals, start_step: int, progress: bool) -> dict:
+    """The driver loop: stream the learner's records into metrics.jsonl, Prometheus, the progress bar, grids
+    and the curve; print each failure as it is reported; restart dead rollout workers; turn a signal into a stop."""
+    import ray
+
     prometheus, server = None, None
     if cfg.logging.metrics_port is not None:
         from egrpo_ray.monitoring import RunMetrics
 
         prometheus = RunMetrics(out.name)
         server = prometheus.serve(cfg.logging.metrics_port, cfg.logging.metrics_host)
-        bar_note = f"metrics: http://{cfg.logging.metrics_host}:{server.server_port}/metrics"
-        print(bar_note, flush=True)
-    n_rec = n_img = 0
-    heldout: dict[str, tuple[int, float]] = {}
-    probes: dict[str, float] = {}
-    first_step_at = None
+        print(f"metrics: http://{cfg.logging.metrics_host}:{server.server_port}/metrics", flush=True)
+    n_rec = n_img = n_fail = 0
+    first_step_at, stopping, lost_all = None, False, False
     bar = tqdm(total=cfg.learner.iterations, initial=start_step, desc="E-GRPO", unit="step", disable=not progress)
     try:
         while True:
-            alive = thread.is_alive()
-            records, images = ray.get(log.since.remote(n_rec, n_img))
-            n_rec, n_img = n_rec + len(records), n_img + len(images)
+            alive = learner.is_alive()
+            records, images, failures = ray.get(log.since.remote(n_rec, n_img, n_fail))
+            n_rec, n_img, n_fail = n_rec + len(records), n_img + len(images), n_fail + len(failures)
+            for f in failures:  # one line each, as it happens
+                history.failures[f["kind"]] += 1
+                bar.write(f"[fault] {f['message']}")
             for r in records:
                 if prometheus:
                     prometheus.update(r)
                 if r.get("event") == "heldout":
-                    heldout[r["tag"]] = (r["step"], r["heldout_reward"])
-                    probes[r["tag"]] = r["train_probe_reward"]
+                    history.heldout.write(r)
                     bar.write(f"[{r['tag']}] held-out reward {r['heldout_reward']:.4f}, "
                               f"training-prompt probe {r['train_probe_reward']:.4f}")
                     continue
                 first_step_at = first_step_at or time.perf_counter()
-                writer.write(r)
-                bar.update(r["step"] - bar.n)
+                r = history.add_step(r)
+                bar.n = r["step"]
                 bar.set_postfix(reward=f"{r['reward_mean']:.3f}", ratio=f"{r['ratio_mean']:.4f}", queue=r["queue_depth"],
                                 stale=f"{r['staleness_mean']:.1f}")
+                bar.refresh()
                 if r["step"] % cfg.logging.log_every == 0:
                     bar.write(f"step {r['step']:4d}  reward {r['reward_mean']:.4f} +- {r['reward_std']:.4f}  "
                               f"zero-std {r['zero_std_ratio']:.2f}  ratio {r['ratio_mean']:.5f}  clip {r['clip_fraction']:.3f}  "
                               f"staleness {r['staleness_mean']:.2f}  queue {r['queue_depth']}  {r['images_per_s']:.1f} img/s")
             for step, tag, arr in images:
-                save_grid(torch.from_numpy(arr), out / "grids" / f"heldout_{tag}.png", scale=4)
+                save_grid(torch.tensor(arr), out / "grids" / f"heldout_{tag}.png", scale=4)
             if not alive:
                 break
+            if not stopping:
+                fleet.check()
+                lost_all = fleet.all_lost()
+                if signals.received is not None or lost_all:
+                    stopping = True
+                    why = "every rollout worker is lost" if lost_all else signal.Signals(signals.received).name
+                    bar.write(f"stopping ({why}): the learner checkpoints the current step (Ctrl-C again to force)")
+                    _request_stop(log, queue)
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        bar.write("interrupted: stopping the learner and rollout workers (Ctrl-C again to force)")
-        ray.get(log.request_stop.remote())
-        thread.join(timeout=120)
     finally:
         bar.close()
         if server:
             server.shutdown()
-    records = writer.read()
+    records = history.metrics.read()
+    heldout = history.heldout_by_tag()
     if records:
-        plot_reward_curve(records, out / "reward_curve.png", [v for v in heldout.values()])
-    return {
+        plot_reward_curve(records, out / "reward_curve.png",
+                          sorted((h["step"], h["heldout_reward"]) for h in heldout.values()))
+    last_step = records[-1]["step"] if records else start_step
+    summary = {
         "first_step_at": first_step_at or time.perf_counter(),
-        "steps_completed": records[-1]["step"] if records else start_step,
-        "heldout_reward_before": heldout.get("before", (0, None))[1],
-        "heldout_reward_after": heldout.get("after", (0, None))[1],
-        "train_probe_reward_before": probes.get("before"),
-        "train_probe_reward_after": probes.get("after"),
+        "steps_completed": last_step,
+        "steps_this_run": history.steps_this_run,
+        "completed": last_step >= cfg.learner.iterations and learner.error is None,
+        "interrupted": signals.received is not None,
+        "exit_code": EXIT_CODES.get(signals.received, 0) if signals.received is not None else (1 if lost_all else 0),
+        "failures": {k: history.failures[k] for k in FAILURE_KINDS},
+        "heldout_reward_before": heldout.get("before", {}).get("heldout_reward"),
+        "heldout_reward_after": heldout.get("after", {}).get("heldout_reward"),
+        "train_probe_reward_before": heldout.get("before", {}).get("train_probe_reward"),
+        "train_probe_reward_after": heldout.get("after", {}).get("train_probe_reward"),
         "train_reward_first": records[0]["reward_mean"] if records else None,
         "train_reward_last": records[-1]["reward_mean"] if records else None,
         "metrics": str(out / "metrics.jsonl"),
         "reward_curve": str(out / "reward_curve.png"),
         "grids": str(out / "grids"),
     }
+    if lost_all and signals.received is None:
+        summary["failed"], summary["error"] = True, "every rollout worker was lost (rollout.max_restarts)"
+    return summary
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -209,11 +377,30 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.output_dir, args.resume, progress=not args.no_progress)
+    try:
+        summary = train(cfg, args.output_dir, args.resume, progress=not args.no_progress)
+    except LearnerFailed as err:
+        print(f"egrpo-ray: error: {err}", file=sys.stderr)
+        return 1
+    summary_path = Path(summary["output_dir"]) / "summary.json"
+    if summary["interrupted"]:
+        if summary["latest_checkpoint"]:
+            print(f"\ninterrupted at step {summary['steps_completed']}; resume with --resume "
+                  f"(checkpoint: {summary['latest_checkpoint']})", flush=True)
+        else:
+            print("\ninterrupted before the first step: no checkpoint, nothing to resume", flush=True)
+        return summary["exit_code"]
+    if summary.get("failed"):
+        print(f"egrpo-ray: error: {summary['error']} at step {summary['steps_completed']}; resume with --resume",
+              file=sys.stderr)
+        return 1
     before, after = summary["heldout_reward_before"], summary["heldout_reward_after"]
     print(f"\ndone in {summary['wall_seconds']:.0f} s: {summary['steps_completed']} learner steps")
     if before is not None and after is not None:
         print(f"held-out reward: {before:.4f} -> {after:.4f}")
+    failures = {k: v for k, v in summary["failures"].items() if v}
+    if failures:
+        print("faults survived: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
     print(f"metrics: {summary['metrics']}\nreward curve: {summary['reward_curve']}\ngrids: {summary['grids']}")
-    print(f"checkpoint: {summary['latest_checkpoint']}\nsummary: {Path(summary['output_dir']) / 'summary.json'}")
+    print(f"checkpoint: {summary['latest_checkpoint']}\nsummary: {summary_path}")
     return 0

@@ -5,6 +5,12 @@ updates through DDP or FSDP (egrpo_ray/parallel.py), and pushes weights to the r
 Under FSDP every collective step (weight gathers, checkpoints, sharded forwards) runs on every rank;
 rank 0 alone publishes, logs metrics, scores held-out grids and writes files. Decisions every rank
 must share (stop, data ready) are all-reduced so no rank waits alone in a collective.
+
+A step has named phases (``Learner.run``): take this step's groups (a blocking get on the replay queue),
+update, publish the weights, record the metrics, checkpoint. Stops: the driver sets the run log's stop
+flag and closes the queue, which wakes the get; every rank then writes a checkpoint of the current step.
+Restarts: Ray Train restarts a failed worker group (learner.max_failures); the new group loads the latest
+checkpoint and continues under a new policy version, so no group sampled by the abandoned weights is learned.
 """
 from __future__ import annotations
 
@@ -17,20 +23,32 @@ import torch
 import torch.distributed as dist
 
 from egrpo_ray.algo.strategies import build_strategy
-from egrpo_ray.checkpoint import load_training_state, save_checkpoint
+from egrpo_ray.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from egrpo_ray.config import ExperimentConfig
 from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles
+from egrpo_ray.distributed.rollout import retrying
 from egrpo_ray.distributed.weight_sync import WeightBroadcaster
 from egrpo_ray.evaluate import heldout_images, heldout_reward
 from egrpo_ray.images import to_uint8
 from egrpo_ray.models import build_policy
 from egrpo_ray.models.diffusers_common import torch_dtype
-from egrpo_ray.parallel import full_trainable_state, gather_trainable, is_sharded, prepare_for_training
+from egrpo_ray.parallel import (
+    full_trainable_state,
+    gather_trainable,
+    is_sharded,
+    prepare_for_training,
+)
 from egrpo_ray.prompts import prompt_splits, train_probe
 from egrpo_ray.training import learn
 
 MAXED = ("grad_norm", "logprob_mismatch")  # the worst rank; "groups" and "samples" add up; the rest average
 ADDED = ("groups", "samples")
+QUEUE_WAIT_S = 30.0  # a get waits this long for groups; a stop wakes it at once
 
 
 def _collective(value: float, op: str) -> float:
@@ -88,107 +106,176 @@ class WeightPublisher:
 
 
 def learner_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+    """The Train worker's entry point (every rank)."""
+    Learner(config).run()
 
-    cfg = ExperimentConfig.model_validate(config["cfg"])
-    queue, store, log = config["queue"], config["store"], config["log"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)
 
-    policy = build_policy(cfg.model)
-    compute_dtype = torch_dtype(cfg.model.dtype)
-    fn = prepare_for_training(policy, cfg.learner.parallelism, compute_dtype, ray.train.torch.get_device())
-    sharded = is_sharded(policy)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learner.lr,
-                                  weight_decay=cfg.learner.weight_decay)
-    strategy = build_strategy(cfg.sampling, cfg.algorithm)
-    step = version = 0
-    if config.get("resume_from"):
-        meta = load_training_state(config["resume_from"], policy, optimizer)
-        step, version = int(meta["step"]), int(meta["policy_version"])
-    publisher = WeightPublisher(cfg, store, config["workers"], rank, sharded)
+class Learner:
+    """One rank of the learner: the policy, its optimizer, and the phases of a step."""
 
-    train_prompts, heldout = prompt_splits(cfg.prompts)
-    probe = train_probe(train_prompts)
-    reward_fn = remote_reward_fn(reward_handles(cfg)) if rank == 0 else None
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
 
-    def report_heldout(tag: str) -> None:
-        if rank != 0:
-            if sharded:  # rank 0's sampling runs sharded forwards: join them
-                heldout_images(policy, heldout, cfg, cfg.seed)
-                heldout_images(policy, probe, cfg, cfg.seed)
-            return
-        value, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
-        train_value, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
-        log.add_images.remote(step, tag, to_uint8(images).numpy())
-        log.record.remote({"event": "heldout", "tag": tag, "step": step, "policy_version": version,
-                           "heldout_reward": value, "train_probe_reward": train_value})
+        cfg = self.cfg = ExperimentConfig.model_validate(config["cfg"])
+        self.queue, self.store, self.log = config["queue"], config["store"], config["log"]
+        self.output_dir = config["output_dir"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(1)
+        torch.manual_seed(cfg.seed)
 
-    publisher.publish(version, policy)
-    if rank == 0:
-        ray.get(queue.set_learner_version.remote(version))
-    report_heldout("before")
-    share = cfg.learner.prompts_per_step // world
-    pending: list = []
-    t_last = time.perf_counter()
-    while step < cfg.learner.iterations:
-        timings: dict[str, float] = {}
-        with timed(timings, "queue_wait_s"):  # this step's groups; every rank agrees to go on or to stop
-            while True:
-                have = sum(it.num_prompts for it in pending)
-                if have < share:
-                    pending += ray.get(queue.get.remote(share - have, 2.0))
-                    have = sum(it.num_prompts for it in pending)
-                stop = ray.get(log.should_stop.remote()) or ray.get(queue.is_closed.remote())
-                if _collective(float(stop), "max") > 0:
-                    return
-                if _collective(float(have >= share), "min") > 0:
-                    break
+        self.policy = build_policy(cfg.model)
+        self.fn = prepare_for_training(self.policy, cfg.learner.parallelism, torch_dtype(cfg.model.dtype),
+                                       ray.train.torch.get_device())
+        self.sharded = is_sharded(self.policy)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
+                                           lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        self.strategy = build_strategy(cfg.sampling, cfg.algorithm)
+        self.step = self.version = 0
+        self.attempt = self._restore(config.get("resume_from"))
+        self.checkpointed_step = self.step
+        self.last_reward: float | None = None
+        self.publisher = WeightPublisher(cfg, self.store, config["workers"], self.rank, self.sharded)
+
+        train_prompts, self.heldout = prompt_splits(cfg.prompts)
+        self.probe = train_probe(train_prompts)
+        self.reward_fn = None
+        if self.rank == 0:
+            report = lambda msg: self.log.failure.remote("reward_retries", msg)
+            self.reward_fn = retrying(remote_reward_fn(reward_handles(cfg)), cfg.rollout.reward_retries, report, "learner")
+        self.share = cfg.learner.prompts_per_step // self.world
+        self.pending: list = []
+        self.t_last = time.perf_counter()
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        self.publish()
+        if self.step == 0 and self.attempt == 0:
+            self.report_heldout("before")
+        while self.step < self.cfg.learner.iterations:
+            timings: dict[str, float] = {}
+            with timed(timings, "queue_wait_s"):
+                items = self.take_groups()
+            if items is None:  # stopped: keep what was learned since the last checkpoint
+                self.checkpoint()
+                return
+            metrics = self.update(items)
+            with timed(timings, "weight_publish_s"):
+                self.publish()
+            self.record(metrics, items, timings)
+            if self.step % self.cfg.logging.grid_every == 0 and self.step < self.cfg.learner.iterations:
+                self.report_heldout(f"step_{self.step:06d}")
+            if self.step % self.cfg.learner.checkpoint_every == 0 or self.step == self.cfg.learner.iterations:
+                self.checkpoint()
+            if self.world > 1:
+                dist.barrier()
+        if self.rank == 0:
+            ray.get(self.queue.close.remote())  # stop the rollout workers: the cores go to the final evaluation
+        self.report_heldout("after")
+
+    # ---------------------------------------------------------------------------------------- phases
+
+    def _restore(self, resume_from: str | None) -> int:
+        """Load the checkpoint to start from; returns the attempt (0, or the number of Train restarts).
+        A restart continues from the latest checkpoint under a policy version above every one used so far."""
+        attempt = ray.get(self.log.learner_started.remote()) if self.rank == 0 else 0
+        attempt = int(_collective(float(attempt), "max"))
+        checkpoint = resume_from
+        if attempt > 0:
+            checkpoint = latest_checkpoint(self.output_dir) or resume_from
+        if checkpoint:
+            meta = load_training_state(checkpoint, self.policy, self.optimizer)
+            self.step, self.version = int(meta["step"]), int(meta["policy_version"])
+        if attempt > 0:
+            used = ray.get(self.queue.stats.remote())["learner_version"] if self.rank == 0 else 0
+            self.version = int(_collective(float(max(self.version, used) + 1), "max"))
+            if self.rank == 0:
+                ray.get(self.queue.restart_from.remote(self.version))
+                where = f"checkpoint step {self.step}" if checkpoint else "the base model (no checkpoint yet)"
+                self.log.failure.remote("learner_restarts", f"learner worker group failed; Ray Train restarted it "
+                                        f"({attempt}/{self.cfg.learner.max_failures}) from {where}")
+        return attempt
+
+    def take_groups(self) -> list | None:
+        """This step's groups for this rank, or None when the run stops; every rank agrees on both."""
+        while True:
+            have = sum(it.num_prompts for it in self.pending)
+            if have < self.share:  # blocks until enough groups arrive, the queue closes, or QUEUE_WAIT_S passes
+                self.pending += ray.get(self.queue.get.remote(self.share - have, QUEUE_WAIT_S))
+                have = sum(it.num_prompts for it in self.pending)
+            stop = ray.get(self.log.should_stop.remote()) or (have < self.share and ray.get(self.queue.is_closed.remote()))
+            if _collective(float(stop), "max") > 0:
+                return None
+            if _collective(float(have >= self.share), "min") > 0:
+                break
         items, taken = [], 0
-        while taken < share:
-            items.append(pending.pop(0))
+        while taken < self.share:
+            items.append(self.pending.pop(0))
             taken += items[-1].num_prompts
+        return items
 
-        generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step))
+    def update(self, items: list) -> dict[str, float]:
+        """One group-normalised GRPO update; the minibatch split depends only on (seed, rank, step)."""
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(step_seed(cfg.seed, self.rank, self.step))
         rows = sum(len(it.rollout.step_index) for it in items)
         n_parts = int(_collective(float(-(-rows // cfg.learner.minibatch_rows)), "max"))
         parts = list(torch.tensor_split(torch.randperm(rows, generator=generator), n_parts))
-        metrics = _reduce_metrics(learn(fn, policy, items, cfg, strategy, optimizer, generator, parts=parts), world)
-        staleness = [version - it.policy_version for it in items]
-        step, version = step + 1, version + 1
-        with timed(timings, "weight_publish_s"):
-            publisher.publish(version, policy)
-        if rank == 0:
-            ray.get(queue.set_learner_version.remote(version))
-            qstats = ray.get(queue.stats.remote())
-            now = time.perf_counter()
-            metrics.update(
-                step=step, policy_version=version, staleness_mean=sum(staleness) / len(staleness),
-                staleness_max=max(staleness), queue_depth=qstats["depth"], step_seconds=now - t_last,
-                images_per_s=metrics["samples"] / max(now - t_last, 1e-9),
-                dropped_stale=qstats.get("dropped_stale", 0) + qstats.get("dropped_stale_on_put", 0), **timings,
-            )
-            t_last = now
-            log.record.remote(metrics)
-        if step % cfg.logging.grid_every == 0 and step < cfg.learner.iterations:
-            report_heldout(f"step_{step:06d}")
-        if step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.iterations:
-            _checkpoint(config["output_dir"], step, version, policy, optimizer, queue, cfg, rank, world)
-        if world > 1:
-            dist.barrier()
-    if rank == 0:
-        ray.get(queue.close.remote())  # stop the rollout workers: the cores go to the final evaluation
-    report_heldout("after")
+        metrics = learn(self.fn, self.policy, items, cfg, self.strategy, self.optimizer, generator, parts=parts)
+        metrics = _reduce_metrics(metrics, self.world)
+        metrics["staleness"] = [self.version - it.policy_version for it in items]  # this rank's; rank 0 logs it
+        self.step, self.version = self.step + 1, self.version + 1
+        self.last_reward = metrics.get("reward_mean")
+        return metrics
 
+    def publish(self) -> None:
+        self.publisher.publish(self.version, self.policy)
+        if self.rank == 0:
+            ray.get(self.queue.set_learner_version.remote(self.version))
 
-def _checkpoint(output_dir, step, version, policy, optimizer, queue, cfg, rank, world) -> None:
-    """Every rank writes its shards; rank 0 adds the data cursor (how far each rollout worker got)."""
-    produced = {}
-    if rank == 0:
-        produced = {str(k): v for k, v in ray.get(queue.stats.remote())["produced_by_worker"].items()}
-    meta = {"policy_version": version, "prompt_batches_by_worker": produced, "strategy": cfg.algorithm.strategy,
-            "world_size": world, "parallelism": cfg.learner.parallelism}
-    save_checkpoint(output_dir, step, policy, optimizer, meta, cfg.model.lora.enabled, torch_dtype(cfg.model.dtype))
+    def record(self, metrics: dict, items: list, timings: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        staleness = metrics.pop("staleness")
+        qstats = ray.get(self.queue.stats.remote())
+        now = time.perf_counter()
+        metrics.update(
+            step=self.step, policy_version=self.version, staleness_mean=sum(staleness) / len(staleness),
+            staleness_max=max(staleness), queue_depth=qstats["depth"], step_seconds=now - self.t_last,
+            images_per_s=metrics["samples"] / max(now - self.t_last, 1e-9),
+            dropped_stale=qstats.get("dropped_stale", 0) + qstats.get("dropped_stale_on_put", 0), **timings,
+        )
+        self.t_last = now
+        self.log.record.remote(metrics)
+
+    def report_heldout(self, tag: str) -> None:
+        cfg, policy = self.cfg, self.policy
+        if self.rank != 0:
+            if self.sharded:  # rank 0's sampling runs sharded forwards: join them
+                heldout_images(policy, self.heldout, cfg, cfg.seed)
+                heldout_images(policy, self.probe, cfg, cfg.seed)
+            return
+        value, images = heldout_reward(policy, self.heldout, self.reward_fn, cfg, cfg.seed)
+        train_value, _ = heldout_reward(policy, self.probe, self.reward_fn, cfg, cfg.seed)
+        self.log.add_images.remote(self.step, tag, to_uint8(images).numpy())
+        self.log.record.remote({"event": "heldout", "tag": tag, "step": self.step, "policy_version": self.version,
+                                "heldout_reward": value, "train_probe_reward": train_value})
+
+    def checkpoint(self) -> None:
+        """A collective (every rank writes its shards); rank 0 adds the data cursor and the config, then keeps
+        the last learner.keep_checkpoints checkpoints and the best. Nothing new since the last: nothing to do."""
+        if self.step == self.checkpointed_step:
+            return
+        cfg, produced = self.cfg, {}
+        if self.rank == 0:
+            produced = {str(k): v for k, v in ray.get(self.queue.stats.remote())["produced_by_worker"].items()}
+        meta = {"policy_version": self.version, "prompt_batches_by_worker": produced, "strategy": cfg.algorithm.strategy,
+                "world_size": self.world, "parallelism": cfg.learner.parallelism, "reward_mean": self.last_reward,
+                "config": cfg.model_dump(mode="json")}
+        save_checkpoint(self.output_dir, self.step, self.policy, self.optimizer, meta, cfg.model.lora.enabled,
+                        torch_dtype(cfg.model.dtype))
+        self.checkpointed_step = self.step
+        if self.rank == 0:
+            prune_checkpoints(self.output_dir, cfg.learner.keep_checkpoints)

@@ -2,22 +2,48 @@
 
 Rollout workers call ``score`` through a handle with a chunk of images (uint8 arrays, the way real
 reward models see images) and their prompts; ``@serve.batch`` merges chunks from all callers into
-one model batch. With ``cluster.http_enabled`` the same deployment also answers HTTP POSTs of PNG
-images (base64 in JSON, size- and count-limited; nothing from the network is ever unpickled), bound
-to ``cluster.http_host`` (127.0.0.1 unless configured).
+one model batch (chunks of different image sizes are scored as separate model batches, and a chunk that
+fails only fails its own caller). The model runs in one worker thread per replica, never on the
+replica's event loop, so requests keep being accepted and batched while a batch is scored.
+
+With ``cluster.http_enabled`` the same deployment also answers HTTP POSTs of PNG images (base64 in
+JSON; nothing from the network is ever unpickled), bound to ``cluster.http_host`` (127.0.0.1 unless
+configured). Limits, all from ``cluster``: ``max_images_per_request``, ``max_image_bytes`` per PNG,
+``max_image_pixels`` per image (read from the PNG header before any pixel is decoded; Pillow's own
+decompression-bomb limit applies too), prompts must be strings of at most ``MAX_PROMPT_CHARS``.
+Anything malformed (JSON, base64, PNG, mode, prompt the reward cannot parse) answers 400 with
+``{"error": ...}``. A request not answered within ``reward_timeout_s`` answers 503, and so does, at
+once, a request beyond ``max_requests_in_flight`` HTTP requests being handled by the replica (the cap
+is per replica and counts HTTP requests only: the rollout handle path is never refused).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import io
+import json
+import logging
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 import torch
 from ray import serve
 
-from egrpo_ray.config import ExperimentConfig, RewardConfig, add_config_args
+from egrpo_ray.config import ClusterConfig, ExperimentConfig, RewardConfig, add_config_args
 from egrpo_ray.images import to_uint8
+
+logger = logging.getLogger("ray.serve")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # 8-bit (or less) modes that convert to RGB losslessly enough
+MAX_PROMPT_CHARS = 1024
+DEFAULT_MAX_PIXELS = ClusterConfig().max_image_pixels
+_BATCH_PIXELS = 1 << 24  # chunks merged into one model batch: at most this many pixels (unless a chunk alone is more)
+
 
 def app_name(cfg: ExperimentConfig, reward: str) -> str:
     """Serve application names are run-scoped: two runs on one cluster never share or delete each other's."""
@@ -28,10 +54,56 @@ class BadRequest(ValueError):
     pass
 
 
-def decode_png_request(body: dict, max_images: int, max_bytes: int) -> tuple[np.ndarray, list[str]]:
-    """{"prompts": [...], "images": [base64 PNG, ...]} -> (uint8 [B, 3, H, W], prompts)."""
+def _pixel_limit(max_pixels: int) -> int:
+    """The configured cap, never above Pillow's decompression-bomb threshold (so Pillow neither warns nor raises)."""
     from PIL import Image
 
+    return max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, int(Image.MAX_IMAGE_PIXELS))
+
+
+def png_size(raw: bytes, k: int = 0) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, read from the header bytes alone (no pixel decoded)."""
+    if not raw.startswith(PNG_SIGNATURE):
+        raise BadRequest(f"image {k} is not a PNG")
+    if len(raw) < 33 or raw[12:16] != b"IHDR" or struct.unpack(">I", raw[8:12])[0] != 13:
+        raise BadRequest(f"image {k} is not a valid PNG (no IHDR header)")
+    width, height = struct.unpack(">II", raw[16:24])
+    if width == 0 or height == 0:
+        raise BadRequest(f"image {k} is not a valid PNG (size {width}x{height})")
+    return width, height
+
+
+def _decode_png(raw: bytes, k: int, size: tuple[int, int]) -> np.ndarray:
+    """PNG bytes (header already checked) -> uint8 [3, H, W]; any decoding failure is a BadRequest."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as img:
+            if img.size != size:
+                raise BadRequest(f"image {k} is not a valid PNG (inconsistent header)")
+            if img.mode not in PNG_MODES:
+                raise BadRequest(f"image {k} has mode {img.mode!r}; expected one of {', '.join(PNG_MODES)} (8-bit)")
+            img.load()
+            arr = np.asarray(img.convert("RGB"))
+    except BadRequest:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadRequest(f"image {k} refused as a decompression bomb ({err})") from None
+    except Exception as err:  # untrusted bytes: whatever Pillow or zlib raise (truncated, corrupt, bad CRC...)
+        raise BadRequest(f"image {k} is not a valid PNG ({type(err).__name__}: {err})") from None
+    if arr.shape != (size[1], size[0], 3):
+        raise BadRequest(f"image {k} is not a valid PNG (decoded to {arr.shape})")
+    return arr.transpose(2, 0, 1)
+
+
+def decode_png_request(body: dict, max_images: int, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[np.ndarray, list[str]]:
+    """{"prompts": [...], "images": [base64 PNG, ...]} -> (uint8 [B, 3, H, W], prompts).
+
+    Everything cheap is checked before any pixel is decoded: counts, prompt types and lengths, encoded
+    and decoded byte sizes, and each PNG's dimensions from its header (``max_pixels`` per image, all
+    images the same size). Raises BadRequest (a ValueError) with one message for the client.
+    """
     if not isinstance(body, dict) or not isinstance(body.get("images"), list) or not isinstance(body.get("prompts"), list):
         raise BadRequest('expected JSON {"prompts": [str, ...], "images": [base64 PNG, ...]}')
     images, prompts = body["images"], body["prompts"]
@@ -39,64 +111,151 @@ def decode_png_request(body: dict, max_images: int, max_bytes: int) -> tuple[np.
         raise BadRequest("images and prompts must be non-empty lists of the same length")
     if len(images) > max_images:
         raise BadRequest(f"at most {max_images} images per request")
-    arrays = []
+    for k, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise BadRequest(f"prompt {k} is not a string")
+        if len(prompt) > max_prompt_chars:
+            raise BadRequest(f"prompt {k} is longer than {max_prompt_chars} characters")
+    limit = _pixel_limit(max_pixels)
+    max_encoded = 4 * ((max_bytes + 2) // 3)
+    raws, size = [], None
     for k, text in enumerate(images):
-        if not isinstance(text, str) or not isinstance(prompts[k], str):
-            raise BadRequest("images must be base64 strings and prompts strings")
-        raw = base64.b64decode(text, validate=True)
+        if not isinstance(text, str):
+            raise BadRequest(f"image {k} is not a base64 string")
+        if len(text) > max_encoded:
+            raise BadRequest(f"image {k} is larger than {max_bytes} bytes")
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"image {k} is not valid base64") from None
         if len(raw) > max_bytes:
             raise BadRequest(f"image {k} is larger than {max_bytes} bytes")
-        if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
-            raise BadRequest(f"image {k} is not a PNG")
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.width * img.height > 4096 * 4096:
-                raise BadRequest(f"image {k} has too many pixels")
-            arrays.append(np.asarray(img.convert("RGB")).transpose(2, 0, 1))
-    if len({a.shape for a in arrays}) != 1:
-        raise BadRequest("all images of one request must have the same size")
+        width, height = png_size(raw, k)
+        if width * height > limit:
+            raise BadRequest(f"image {k} is {width}x{height} = {width * height} pixels; at most {limit} are accepted")
+        if size is not None and (width, height) != size:
+            raise BadRequest("all images of one request must have the same size")
+        size = (width, height)
+        raws.append(raw)
+    arrays = [_decode_png(raw, k, size) for k, raw in enumerate(raws)]
     return np.stack(arrays), list(prompts)
+
+
+def _json_response(body: dict, status: int, **headers):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 @serve.deployment
 class RewardDeployment:
     """Wraps one Reward (rewards/) built from its RewardConfig."""
 
-    def __init__(self, reward_cfg: dict, max_batch_size: int, batch_wait_s: float, max_images: int, max_bytes: int):
+    def __init__(self, reward_cfg: dict, max_batch_size: int, batch_wait_s: float, max_images: int, max_bytes: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = 120.0, max_in_flight: int = 32):
         torch.set_num_threads(1)
         from egrpo_ray.rewards import build_reward
 
         self.cfg = RewardConfig.model_validate(reward_cfg)
         self.reward = build_reward(self.cfg)
-        self.max_images, self.max_bytes = max_images, max_bytes
+        self.max_images, self.max_bytes, self.max_pixels = max_images, max_bytes, max_pixels
+        self.timeout_s, self.max_in_flight = timeout_s, max_in_flight
+        # JSON text of the largest acceptable request (base64 images, escaped prompts), with slack
+        self.max_body = max_images * (4 * ((max_bytes + 2) // 3) + 6 * MAX_PROMPT_CHARS + 64) + 4096
+        self._in_flight = 0  # HTTP requests being handled (event-loop state: no lock needed)
+        self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="reward-score")  # one model batch at a time
+        self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="reward-decode")
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, chunks: list[tuple[np.ndarray, list[str]]]) -> list[np.ndarray]:
-        images = np.concatenate([c[0] for c in chunks])
+    def _score_chunks(self, chunks: list[tuple[np.ndarray, list[str]]]) -> list[object]:
+        """Worker thread: one result per chunk, scores [n] or the exception that chunk raised."""
+        results: list[object] = [None] * len(chunks)
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}  # (image size, dtype) -> runs of (pixels, chunk ids)
+        for i, (images, _) in enumerate(chunks):  # same image size and dtype -> one model batch, up to a pixel budget
+            runs = groups.setdefault((images.shape[1:], images.dtype.str), [])
+            pixels = images.size // 3
+            if not runs or (runs[-1][1] and runs[-1][0] + pixels > _BATCH_PIXELS):
+                runs.append((0, []))
+            runs[-1] = (runs[-1][0] + pixels, runs[-1][1] + [i])
+        for idx in (run for runs in groups.values() for _, run in runs):
+            try:
+                scores = self._run_reward([chunks[i] for i in idx])
+            except Exception as err:
+                if len(idx) == 1:
+                    results[idx[0]] = err
+                    continue
+                for i in idx:  # find the failing chunk(s): the others still get their scores
+                    try:
+                        results[i] = self._run_reward([chunks[i]])
+                    except Exception as single:
+                        results[i] = single
+                continue
+            start = 0
+            for i in idx:
+                n = len(chunks[i][1])
+                results[i] = scores[start : start + n]
+                start += n
+        return results
+
+    def _run_reward(self, chunks: list[tuple[np.ndarray, list[str]]]) -> np.ndarray:
+        images = chunks[0][0] if len(chunks) == 1 else np.concatenate([c[0] for c in chunks])
         prompts = [p for c in chunks for p in c[1]]
         with torch.no_grad():
-            scores = self.reward(torch.from_numpy(np.ascontiguousarray(images)), prompts).float().numpy()
-        out, start = [], 0
-        for c in chunks:
-            out.append(scores[start : start + len(c[1])])
-            start += len(c[1])
-        return out
+            return self.reward(torch.from_numpy(np.ascontiguousarray(images)), prompts).float().numpy()
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, chunks: list[tuple[np.ndarray, list[str]]]) -> list[object]:
+        return await asyncio.get_running_loop().run_in_executor(self._score_pool, self._score_chunks, chunks)
 
     async def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        return await self._score_batch((images, list(prompts)))
+        result = await self._score_batch((images, list(prompts)))
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    async def __call__(self, request) -> dict:
-        """HTTP: POST JSON of base64 PNGs; answers {"scores": [...]} or {"error": ...} with status 400."""
-        from starlette.responses import JSONResponse
-
+    async def __call__(self, request):
+        """HTTP: POST JSON of base64 PNGs; answers {"scores": [...]}, or {"error": ...} with 400 (bad input),
+        413 (body too large), 503 (busy or timed out, with Retry-After) or 500."""
+        if self._in_flight >= self.max_in_flight:
+            return _json_response({"error": f"busy: {self._in_flight} requests in flight (at most "
+                                            f"{self.max_in_flight}); retry later"}, 503, **{"Retry-After": "1"})
+        self._in_flight += 1
+        started = time.monotonic()
         try:
-            body = await request.json()
-            images, prompts = decode_png_request(body, self.max_images, self.max_bytes)
-        except (BadRequest, ValueError) as err:
-            return JSONResponse({"error": str(err)}, status_code=400)
-        scores = await self.score(images, prompts)
-        return JSONResponse({"reward": self.cfg.name, "scores": [float(s) for s in scores]})
+            return await asyncio.wait_for(self._handle_http(request), self.timeout_s)
+        except asyncio.TimeoutError:
+            return _json_response({"error": f"timed out after {time.monotonic() - started:.3g} s (limit "
+                                            f"{self.timeout_s:g} s); retry later"}, 503, **{"Retry-After": "5"})
+        finally:
+            self._in_flight -= 1
+
+    async def _handle_http(self, request):
+        if request.method != "POST":
+            return _json_response({"error": "POST a JSON body"}, 405, Allow="POST")
+        body = await request.body()
+        if len(body) > self.max_body:
+            return _json_response({"error": f"request body larger than {self.max_body} bytes"}, 413)
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                parsed = json.loads(body)
+            except (ValueError, RecursionError):
+                raise BadRequest("body is not valid JSON") from None
+            # decoding is CPU work: off the event loop (a timed-out request's queued decode is dropped)
+            images, prompts = await loop.run_in_executor(
+                self._decode_pool, decode_png_request, parsed, self.max_images, self.max_bytes, self.max_pixels)
+            try:
+                self.reward.validate_inputs(images.shape, prompts)
+            except ValueError as err:
+                raise BadRequest(str(err)) from None
+            scores = await self.score(images, prompts)
+        except ValueError as err:  # BadRequest, or a reward refusing its input
+            return _json_response({"error": str(err)}, 400)
+        except Exception:
+            logger.exception("reward %s failed on an HTTP request", self.cfg.name)
+            return _json_response({"error": "internal error while scoring"}, 500)
+        return _json_response({"reward": self.cfg.name, "scores": [float(x) for x in scores]}, 200)
 
 
 def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
@@ -109,7 +268,9 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
     handles = {}
     for r in cfg.rewards:
         options = {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": r.resources},
-                   "max_ongoing_requests": 256,
+                   # Serve queues (never refuses) past max_ongoing_requests, and the rollout handles share it:
+                   # keep it high for batching; the HTTP cap (503 at once) is enforced in the replica.
+                   "max_ongoing_requests": 256 + c.max_requests_in_flight,
                    "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
         if r.autoscale_max_replicas:
             options["autoscaling_config"] = {"min_replicas": r.replicas, "max_replicas": r.autoscale_max_replicas,
@@ -117,7 +278,8 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
         else:
             options["num_replicas"] = r.replicas
         app = RewardDeployment.options(name=f"reward_{r.name}", **options).bind(
-            r.model_dump(), r.batch_size, r.batch_wait_s, c.max_images_per_request, c.max_image_bytes
+            r.model_dump(), r.batch_size, r.batch_wait_s, c.max_images_per_request, c.max_image_bytes,
+            c.max_image_pixels, c.reward_timeout_s, c.max_requests_in_flight,
         )
         handles[r.name] = serve.run(app, name=app_name(cfg, r.name),
                                     route_prefix=f"/rewards/{r.name}" if c.http_enabled else None)

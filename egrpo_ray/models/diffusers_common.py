@@ -215,7 +215,13 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             p = files[0]
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_file(str(p))
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError) as err:  # truncated, corrupt, not safetensors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{p}: not a readable safetensors file ({first})") from None
 
 
 # ------------------------------------------------------------------------------------------ policy

@@ -240,11 +240,55 @@ def save_tiny_weights(policy: TinyPolicy, out_dir: str | Path) -> str:
     return file_sha256(out / WEIGHTS_FILE)
 
 
-def read_manifest(directory: str | Path | None = None) -> dict[str, Any]:
-    return json.loads((Path(directory or ASSET_DIR) / MANIFEST_FILE).read_text())
-
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n", 2)[:2]).strip()
+    return text[:300] or type(err).__name__
+
+
+def read_manifest(directory: str | Path | None = None) -> dict[str, Any]:
+    """manifest.json as a dict; a missing, unreadable or malformed manifest raises one-line errors
+    (FileNotFoundError when missing, ValueError otherwise)."""
+    path = Path(directory or ASSET_DIR) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid JSON manifest ({getattr(err, 'msg', None) or type(err).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a valid manifest (expected a JSON object)")
+    return manifest
+
+
+def check_tiny_files(directory: str | Path | None = None) -> dict[str, Any]:
+    """Validate a tiny model directory without building the model: both files present, the manifest
+    holds a model_config and the sha256 of the weights, the hash matches, the safetensors header parses
+    and covers the file. Returns the manifest. Errors are one line: FileNotFoundError or ValueError."""
+    from egrpo_ray.checkpoint import CheckpointError, check_safetensors
+
+    directory = Path(directory) if directory else ASSET_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tiny model directory not found: {directory}")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file() or not (directory / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"tiny model files missing in {directory} (need {WEIGHTS_FILE} and {MANIFEST_FILE}); run `egrpo-ray pretrain-tiny`")
+    manifest = read_manifest(directory)
+    mc = manifest.get("model_config")
+    if not isinstance(mc, dict) or not isinstance(mc.get("transformer"), dict) or not isinstance(mc.get("text_encoder"), dict):
+        raise ValueError(f"{directory / MANIFEST_FILE}: no valid 'model_config' (transformer and text_encoder settings)")
+    sha = file_sha256(weights)
+    if manifest.get("sha256") != sha:
+        raise ValueError(f"{weights}: sha256 {sha} does not match the manifest's {manifest.get('sha256')}")
+    try:
+        check_safetensors(weights)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    return manifest
 
 
 def load_tiny_policy(cfg: ModelConfig | None = None) -> TinyPolicy:
@@ -252,7 +296,9 @@ def load_tiny_policy(cfg: ModelConfig | None = None) -> TinyPolicy:
 
     Checks the file's sha256 against the manifest, freezes the text encoder, applies the config's
     dtype, gradient checkpointing and LoRA (peft on the transformer; then only LoRA weights train).
+    A missing, corrupt or mismatched model raises a one-line FileNotFoundError or ValueError.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     cfg = cfg or ModelConfig()
@@ -260,14 +306,15 @@ def load_tiny_policy(cfg: ModelConfig | None = None) -> TinyPolicy:
         raise ValueError(f"model.resolution: the tiny model generates {IMAGE_SIZE}x{IMAGE_SIZE} images, not {cfg.resolution}")
     directory = Path(cfg.path) if cfg.path else ASSET_DIR
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file() or not (directory / MANIFEST_FILE).is_file():
-        raise FileNotFoundError(f"tiny model files missing in {directory} (need {WEIGHTS_FILE} and {MANIFEST_FILE}); run `egrpo-ray pretrain-tiny`")
-    manifest = read_manifest(directory)
-    sha = file_sha256(weights)
-    if manifest.get("sha256") != sha:
-        raise ValueError(f"{weights}: sha256 {sha} does not match the manifest's {manifest.get('sha256')}")
-    policy = TinyPolicy(manifest["model_config"])
-    policy.load_state_dict(load_file(str(weights)), strict=True)
+    manifest = check_tiny_files(directory)
+    try:
+        policy = TinyPolicy(manifest["model_config"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{directory / MANIFEST_FILE}: model_config cannot build the tiny model ({_first_line(err)})") from None
+    try:
+        policy.load_state_dict(load_file(str(weights)), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise ValueError(f"{weights}: does not load into the tiny model ({_first_line(err)})") from None
     policy.freeze_text_encoder()
     dtype = _DTYPES[cfg.dtype]
     if dtype != torch.float32:
@@ -279,13 +326,16 @@ def load_tiny_policy(cfg: ModelConfig | None = None) -> TinyPolicy:
         from peft import LoraConfig as PeftLoraConfig
 
         policy.transformer.requires_grad_(False)
-        policy.transformer.add_adapter(
-            PeftLoraConfig(
-                r=cfg.lora.rank,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules),
-                init_lora_weights="gaussian",
+        try:
+            policy.transformer.add_adapter(
+                PeftLoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=list(cfg.lora.target_modules),
+                    init_lora_weights="gaussian",
+                )
             )
-        )
+        except ValueError as err:  # peft: no module matches the targets
+            raise ValueError(f"model.lora.target_modules {list(cfg.lora.target_modules)}: {_first_line(err)}") from None
     return policy

@@ -27,11 +27,23 @@ clamped) and its prompt (parsed to colour, shape, position; an unparseable promp
    the reward near 0.2, so "reward went up" needs every attribute right at once, yet every term keeps
    a gradient of partial credit for RL.
 
+Reference statistics are kept per resolution in a small LRU (``TARGET_CACHE_SIZES`` resolutions, 162 x 7
+floats each). At the task's own 32x32 they come from the task's renders, bit for bit as always; at any
+other resolution they are computed without rendering a canvas: the statistics do not depend on the
+colour (a ground-truth pixel of the asked colour has membership ramp(coverage)), so each of the 27
+(shape, position) coverages is evaluated only over the object's bounding box, in row bands of at most
+``_BAND_SAMPLES`` sub-samples, with the renderer's exact geometry. Memory is bounded at any resolution
+(the time grows with the object's area, about a second at 2048x2048). Images are scored in chunks of at
+most ``_CHUNK_PIXELS`` pixels, so a large batch of large images never materialises all at once in float.
+
 ``object_stats`` is an independent diagnostic for evaluation (not used by the reward): the count of
 pixels whose brightest channel exceeds 0.5 (area in px) and the height / width of their bounding box.
 """
 from __future__ import annotations
 
+import math
+import threading
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -46,6 +58,9 @@ _EPS = 1e-6
 # Pixel masks go through a linear ramp: below RAMP_LO counts as background (robust to faint noise),
 # above RAMP_HI as fully on (robust to a slightly dim object); anti-aliased edges fall in between.
 RAMP_LO, RAMP_HI = 0.2, 0.7
+TARGET_CACHE_SIZES = 4  # resolutions whose reference statistics are kept (LRU)
+_BAND_SAMPLES = 1 << 21  # sub-samples per band when computing reference statistics (float64: 16 MB an array)
+_CHUNK_PIXELS = 1 << 22  # images scored at once are split to at most this many pixels (B * H * W)
 
 
 def _membership(images: torch.Tensor, colours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +109,94 @@ def _stats(images: torch.Tensor, colours: torch.Tensor) -> dict[str, torch.Tenso
     }
 
 
+def _window_stats(spec: shapes.ShapeSpec, size: int) -> dict[str, float]:
+    """``_stats`` of the ground-truth render of ``spec`` at ``size`` without rendering the canvas.
+
+    Mirrors ``shapes._coverage`` exactly (same sub-sample centres, same inside tests, float64 coverage
+    cast to float32, then the same ramp), but only over the object's bounding box plus a 1 px margin,
+    in row bands; the moments are accumulated in float64 about the window's origin.
+    """
+    ss = shapes.SUPERSAMPLE
+    scale = size / shapes.IMAGE_SIZE
+    cx, cy = spec.centre
+    cx, cy = cx * scale, cy * scale
+    if spec.shape_name == "circle":
+        r = shapes.CIRCLE_RADIUS * scale
+        box = (cx - r, cx + r, cy - r, cy + r)
+    elif spec.shape_name == "square":
+        h = shapes.SQUARE_SIDE * scale / 2
+        box = (cx - h, cx + h, cy - h, cy + h)
+    else:
+        b, hgt = shapes.TRIANGLE_BASE * scale, shapes.TRIANGLE_HEIGHT * scale
+        top = cy - hgt / 2
+        box = (cx - b / 2, cx + b / 2, top, top + hgt)
+    x0, x1 = max(0, math.floor(box[0]) - 1), min(size, math.ceil(box[1]) + 2)  # pixel columns [x0, x1)
+    y0, y1 = max(0, math.floor(box[2]) - 1), min(size, math.ceil(box[3]) + 2)  # pixel rows [y0, y1)
+    w = x1 - x0
+    x = ((torch.arange(x0 * ss, x1 * ss, dtype=torch.float64) + 0.5) / ss).view(1, -1)
+    px = torch.arange(w, dtype=torch.float64) + 0.5  # pixel centres relative to x0
+    band = max(1, _BAND_SAMPLES // (w * ss * ss))
+    sums = torch.zeros(6, dtype=torch.float64)  # mass, m*y, m*x, m*y^2, m*x^2, m*y^3 (relative coordinates)
+    col_mass = torch.zeros(w, dtype=torch.float64)
+    widest = 0.0
+    for r0 in range(y0, y1, band):
+        r1 = min(y1, r0 + band)
+        y = ((torch.arange(r0 * ss, r1 * ss, dtype=torch.float64) + 0.5) / ss).view(-1, 1)
+        if spec.shape_name == "circle":
+            inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+        elif spec.shape_name == "square":
+            inside = ((x - cx).abs() <= h) & ((y - cy).abs() <= h)
+        else:
+            frac = (y - top) / hgt
+            inside = (frac >= 0) & (frac <= 1) & ((x - cx).abs() <= frac * b / 2)
+        cov = inside.double().reshape(r1 - r0, ss, w, ss).mean(dim=(1, 3)).float()
+        m = _ramp(cov).double()
+        py = (torch.arange(r0 - y0, r1 - y0, dtype=torch.float64) + 0.5).view(-1, 1)
+        rows = m.sum(dim=1, keepdim=True)
+        cols = m.sum(dim=0)
+        col_mass += cols
+        widest = max(widest, float(rows.max()))
+        sums += torch.stack([rows.sum(), (rows * py).sum(), (cols * px).sum(), (rows * py**2).sum(),
+                             (cols * px**2).sum(), (rows * py**3).sum()])
+    mass = float(sums[0])
+    safe = max(mass, _EPS)
+    ey, ex, eyy, exx, eyyy = (float(v) / safe for v in sums[1:])
+    var_y, var_x = max(eyy - ey * ey, _EPS), max(exx - ex * ex, _EPS)
+    sd_y, sd_x = math.sqrt(var_y), math.sqrt(var_x)
+    third = eyyy - 3 * ey * eyy + 2 * ey**3  # the third central moment
+    tallest = float(col_mass.max())
+    return {
+        "mass": mass,
+        "bright": mass,  # a ground-truth render is bright exactly where it has the asked colour
+        "cx": ex + x0,
+        "cy": ey + y0,
+        "log_aspect": math.log(sd_y / sd_x),
+        "fill": mass / max(tallest * widest, _EPS),
+        "skew": third / sd_y**3,
+    }
+
+
+def reference_stats(size: int) -> dict[str, torch.Tensor]:
+    """``_stats`` of the 162 ground-truth renders at ``size`` (each [162], float32, by ``ShapeSpec.index``).
+
+    32x32 (the task's resolution): from the task's renders, exactly as scored since the start. Any other
+    resolution: from ``_window_stats`` (bounded memory; equal to the full renders' up to float rounding).
+    """
+    specs = shapes.all_specs()
+    if size == shapes.IMAGE_SIZE:
+        gt = shapes.render_batch(specs, size)
+        cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])
+        return _stats(gt, cols)
+    per_geometry: dict[tuple[int, int], dict[str, float]] = {}
+    rows = []
+    for s in specs:  # the statistics depend on shape and position only: 27 windows, not 162
+        key = (s.shape, s.position)
+        if key not in per_geometry:
+            per_geometry[key] = _window_stats(s, size)
+        rows.append(per_geometry[key])
+    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in rows[0]}
+
+
 def object_stats(images: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
     """Independent diagnostic: area (px with max channel > threshold) and bounding-box height/width.
 
@@ -138,30 +241,42 @@ class AlignmentReward(Reward):
         self.fill_sd = fill_sd
         self.skew_sd = skew_sd
         self.presence_frac = presence_frac
-        self._targets: dict[int, dict[str, torch.Tensor]] = {}  # resolution -> stats of all 162 GT renders
+        # resolution -> stats of all 162 GT renders; an LRU of TARGET_CACHE_SIZES resolutions
+        self._targets: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._targets_lock = threading.Lock()  # scoring may run in worker threads (the reward service)
 
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> "AlignmentReward":
         return cls()
 
     def _target_table(self, size: int) -> dict[str, torch.Tensor]:
-        if size not in self._targets:
-            specs = shapes.all_specs()
-            gt = shapes.render_batch(specs, size)
-            cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])
-            self._targets[size] = _stats(gt, cols)
-        return self._targets[size]
+        with self._targets_lock:
+            if size in self._targets:
+                self._targets.move_to_end(size)
+                return self._targets[size]
+            table = reference_stats(size)
+            self._targets[size] = table
+            while len(self._targets) > TARGET_CACHE_SIZES:
+                self._targets.popitem(last=False)
+            return table
+
+    def validate_inputs(self, image_shape: Sequence[int], prompts: Sequence[str]) -> list[shapes.ShapeSpec]:
+        """Raises ValueError for a shape this reward cannot score or an unparseable prompt; returns the specs."""
+        super().validate_inputs(image_shape, prompts)
+        shape = tuple(image_shape)
+        if shape[2] != shape[3]:
+            raise ValueError(f"the shapes task renders square images, got {shape[3]}x{shape[2]}")
+        return [shapes.parse_prompt(p) for p in prompts]
 
     def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Every term [B] (float32, CPU) plus ``presence`` and the combined ``reward``."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        if images.shape[2] != images.shape[3]:
-            raise ValueError("the shapes task renders square images")
+        specs = self.validate_inputs(images.shape, prompts)
+        B, _, H, W = images.shape
+        if B > 1 and B * H * W > _CHUNK_PIXELS:  # bounded float memory for large batches of large images
+            step = max(1, _CHUNK_PIXELS // (H * W))
+            parts = [self.terms(images[i : i + step], prompts[i : i + step]) for i in range(0, B, step)]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         images = to_float(images.detach().cpu())
-        specs = [shapes.parse_prompt(p) for p in prompts]
         idx = torch.tensor([s.index for s in specs], dtype=torch.long)
         cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])
         st = _stats(images, cols)

@@ -15,3 +15,13 @@ class Reward(ABC):
 
     @abstractmethod
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+    def validate_inputs(self, image_shape: Sequence[int], prompts: Sequence[str]) -> object:
+        """Cheap checks before scoring: raise ValueError for images of ``image_shape`` ([B, 3, H, W]) or
+        ``prompts`` this reward cannot score (the reward service answers such HTTP requests 400)."""
+        shape = tuple(image_shape)
+        if len(shape) != 4 or shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got {shape}")
+        if len(prompts) != shape[0]:
+            raise ValueError(f"{shape[0]} images but {len(prompts)} prompts")
+        return None

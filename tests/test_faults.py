@@ -1,0 +1,223 @@
+"""Faults and stops of the Ray service on the tiny model, on a real local Ray cluster (2 cores):
+a SIGKILLed rollout worker is restarted (and a SIGKILLed reward replica replaced) and the run finishes with
+every step; a SIGKILLed learner worker
+makes Ray Train restart the group from the latest checkpoint; Ctrl-C (SIGINT) on the CLI checkpoints the
+current step and exits 130, and --resume then finishes with exactly one metrics line per step."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from egrpo_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [  # the smallest run that still exercises every part: 2 rollout workers, 1 DDP learner
+    "rollout.workers=2", "learner.workers=1", "rewards.0.replicas=1", "learner.num_cpus=0.5", "rollout.num_cpus=0.25",
+    "rewards.0.num_cpus=0.25", "prompts.heldout_count=4", "learner.prompts_per_step=2", "algorithm.group_size=4",
+    "logging.grid_every=100", "learner.checkpoint_every=2", "learner.keep_checkpoints=2",
+]
+STEPS = 6
+
+
+def _steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _wait_for_step(out: Path, step: int, run: threading.Thread | subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while max(_steps(out), default=0) < step:
+        alive = run.is_alive() if isinstance(run, threading.Thread) else run.poll() is None
+        assert alive and time.monotonic() < deadline, f"the run ended or stalled before step {step}"
+        time.sleep(0.2)
+
+
+def _train_in_background(out: Path, overrides: list[str]):
+    """train() on the session cluster, on a thread; returns (thread, result holder)."""
+    from egrpo_ray.distributed.driver import train
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", SMALL + [f"learner.iterations={STEPS}"] + overrides)
+    result: dict = {}
+
+    def go():
+        try:
+            result["summary"] = train(cfg, str(out), progress=False)
+        except BaseException as err:  # reported by the test
+            result["error"] = err
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _alive_pids(class_name: str) -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # explicit: other Ray instances may run on this machine
+    return [a.pid for a in list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+
+
+def _finish(thread, result, timeout_s: float = 300) -> dict:
+    thread.join(timeout_s)
+    assert not thread.is_alive(), "the run did not finish"
+    assert "error" not in result, result.get("error")
+    return result["summary"]
+
+
+def test_killed_rollout_worker_and_reward_replica_are_replaced_and_every_step_runs(ray_cluster, tmp_path):
+    import ray
+
+    out = tmp_path / "rollout_kill"
+    thread, result = _train_in_background(out, ["cluster.run_name=faults-rollout"])
+    _wait_for_step(out, 2, thread)
+    victim = ray.get_actor("faults-rollout-rollout-0")
+    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+    _wait_for_step(out, 3, thread)
+    [replica] = _alive_pids("ServeReplica:egrpo-faults-rollout-alignment:reward_alignment")
+    os.kill(replica, signal.SIGKILL)  # Serve replaces it; calls that hit the dead one are retried
+    summary = _finish(thread, result)
+    assert _steps(out) == list(range(1, STEPS + 1))
+    assert summary["failures"]["rollout_restarts"] == 1 and summary["completed"]
+    assert summary["failures"]["rollout_lost"] == 0
+    assert [w["restarts"] for w in summary["rollout_workers"]] == [1, 0]
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["rollout_restarts"] == 1  # counted in the metrics too
+
+
+def test_killed_learner_worker_restarts_from_the_latest_checkpoint(ray_cluster, tmp_path):
+    out = tmp_path / "learner_kill"
+    thread, result = _train_in_background(out, ["cluster.run_name=faults-learner", "learner.max_failures=1"])
+    _wait_for_step(out, 3, thread)  # the checkpoint at step 2 exists
+    [pid] = _alive_pids("RayTrainWorker")
+    os.kill(pid, signal.SIGKILL)
+    summary = _finish(thread, result)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # replayed steps replace their first lines
+    versions = [r["policy_version"] for r in records]
+    assert versions == sorted(set(versions))  # a restart never reuses a policy version
+    assert summary["failures"]["learner_restarts"] == 1 and summary["completed"]
+    assert summary["heldout_reward_after"] is not None
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept[-1] == f"step_{STEPS:06d}" and len(kept) <= 3  # the last 2 and the best
+
+
+def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, tmp_path):
+    import ray
+
+    out = tmp_path / "sigint"
+    address = ray.get_runtime_context().gcs_address  # join the session cluster: no second cluster start
+    cmd = [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--output-dir", str(out), "--no-progress", "--set", f"learner.iterations={STEPS}",
+           "--set", "learner.checkpoint_every=4", "--set", f"cluster.address={address}"]
+    for s in SMALL[:-2]:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, text[-3000:]
+    stopped = max(_steps(out))
+    assert f"interrupted at step {stopped}; resume with --resume" in text
+    assert (out / "checkpoints" / f"step_{stopped:06d}").is_dir()  # the stop wrote the current step
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["exit_code"] == 130 and not summary["completed"]
+    before = summary["heldout_reward_before"]
+
+    resumed = subprocess.run(cmd + ["--resume"], check=False, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert _steps(out) == list(range(1, STEPS + 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_completed"] == STEPS and summary["steps_this_run"] == STEPS - stopped
+    assert summary["heldout_reward_before"] == before  # the base model's, not the checkpoint's
+
+    changed = subprocess.run(cmd + ["--resume", "--set", "algorithm.clip_range=0.5", "--set", f"learner.iterations={STEPS + 2}"],
+                             check=False, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert changed.returncode == 2 and "algorithm.clip_range" in changed.stderr, changed.stderr[-2000:]
+
+
+# -- the pieces, without a cluster (milliseconds) ---------------------------------------------------------
+
+
+def test_metrics_writer_keeps_one_line_per_step(tmp_path):
+    from egrpo_ray.outputs import MetricsWriter
+
+    w = MetricsWriter(tmp_path)
+    for step in [1, 2, 3, 4, 3, 4, 5]:  # a learner restart from the checkpoint at step 2 replays 3 and 4
+        w.write({"step": step, "v": step})
+    assert [r["step"] for r in w.read()] == [1, 2, 3, 4, 5]
+    MetricsWriter(tmp_path).rewind(2)  # a resume from the checkpoint at step 2
+    assert [r["step"] for r in MetricsWriter(tmp_path).read()] == [1, 2]
+
+
+def test_prune_keeps_the_last_k_and_the_best(tmp_path):
+    from egrpo_ray.checkpoint import prune_checkpoints
+
+    rewards = {2: 0.5, 4: 0.9, 6: 0.6, 8: 0.7, 10: 0.4}
+    for step, r in rewards.items():
+        d = tmp_path / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"step": step, "reward_mean": r}))
+    assert prune_checkpoints(tmp_path, None) == []
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000010"]
+
+
+def test_resume_refuses_a_changed_algorithm_and_names_the_keys():
+    from egrpo_ray.config import ConfigError
+    from egrpo_ray.distributed.driver import check_resume_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    meta = {"step": 5, "config": cfg.model_dump(mode="json")}
+    free = load_config(ROOT / "configs" / "tiny.yaml", ["learner.iterations=99", "learner.lr=1e-5", "rollout.workers=1",
+                                                        "rewards.0.replicas=2", "learner.workers=2"])
+    check_resume_config(free, meta)  # schedule, scale and placement may change
+    changed = load_config(ROOT / "configs" / "tiny.yaml", ["algorithm.group_size=4", "model.resolution=16"])
+    with pytest.raises(ConfigError, match=r"algorithm\.group_size \(8 -> 4\).*model\.resolution \(32 -> 16\)"):
+        check_resume_config(changed, meta)
+
+
+def test_reward_calls_are_retried_with_one_line_each():
+    import ray
+
+    from egrpo_ray.distributed.rollout import retrying
+
+    calls, lines = [], []
+
+    def flaky(images, prompts):
+        calls.append(1)
+        if len(calls) < 3:
+            raise ray.exceptions.RayError("replica died")
+        return {"alignment": 1.0}
+
+    assert retrying(flaky, 3, lines.append, "worker 0")(None, []) == {"alignment": 1.0}
+    assert len(calls) == 3 and len(lines) == 2 and "retry 1/3" in lines[0]
+
+    def down(images, prompts):
+        raise ray.exceptions.RayError("no replica")
+
+    with pytest.raises(ray.exceptions.RayError):  # past the retries the error surfaces
+        retrying(down, 1, lines.append, "worker 0")(None, [])
+
+
+def test_sigterm_and_sigint_ask_for_a_stop_then_force():
+    from egrpo_ray.distributed.driver import StopSignals
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = StopSignals()
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)
+            assert signals.received == sig
+            with pytest.raises(KeyboardInterrupt):  # a second signal forces
+                os.kill(os.getpid(), sig)
+                time.sleep(0.05)
+        finally:
+            signals.restore()
