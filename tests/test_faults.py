@@ -91,6 +91,24 @@ def test_killed_rollout_worker_and_reward_replica_are_replaced_and_every_step_ru
     assert records[-1]["rollout_restarts"] == 1  # counted in the metrics too
 
 
+def test_collective_sync_survives_a_killed_rollout_worker_through_a_learner_restart(ray_cluster, tmp_path):
+    """With rollout.weight_sync=collective the dead worker breaks the broadcast group: the learner's next
+    publish fails, Ray Train restarts the learner from the latest checkpoint, and the new group takes in the
+    restarted worker. Every step still runs once."""
+    import ray
+
+    out = tmp_path / "collective_kill"
+    thread, result = _train_in_background(out, ["cluster.run_name=faults-collective", "rollout.weight_sync=collective",
+                                                "learner.max_failures=1"])
+    _wait_for_step(out, 2, thread)
+    victim = ray.get_actor("faults-collective-rollout-0")
+    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+    summary = _finish(thread, result)
+    assert _steps(out) == list(range(1, STEPS + 1))
+    assert summary["completed"] and summary["failures"]["rollout_restarts"] == 1
+    assert summary["failures"]["learner_restarts"] == 1
+
+
 def test_killed_learner_worker_restarts_from_the_latest_checkpoint(ray_cluster, tmp_path):
     out = tmp_path / "learner_kill"
     thread, result = _train_in_background(out, ["cluster.run_name=faults-learner", "learner.max_failures=1"])
