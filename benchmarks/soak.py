@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from egrpo_ray.distributed.cluster import watchdog_temp_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [  # tiny, on 2 cores: 2 rollout workers, 1 reward replica, 1 learner rank; never ends, never checkpoints
     "rollout.workers=2", "rewards.0.replicas=1", "learner.workers=1", "learner.num_cpus=0.5", "rollout.num_cpus=0.25",
@@ -65,11 +67,11 @@ def processes(driver: psutil.Process) -> list[psutil.Process]:
 def temp_dir_of(procs) -> str | None:
     for p in procs:
         try:
-            cmd = p.cmdline()
+            found = watchdog_temp_dir(p.cmdline())
         except psutil.Error:
             continue
-        if "--watch" in cmd and "egrpo_ray.distributed.cluster" in cmd:
-            return cmd[cmd.index("--watch") + 3]
+        if found:
+            return found
     return None
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psutil
 
+from egrpo_ray.distributed.cluster import watchdog_temp_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 # Mirrors the table "Listening beyond loopback" in docs/network.md: process name prefix -> (most such
 # listeners one process may hold, why). Nothing else of the run may listen on a non-loopback address.
@@ -75,11 +77,11 @@ def _tree(pid: int | None, temp_dir: str | None) -> list[psutil.Process]:
 def _temp_dir(procs) -> str | None:
     for p in procs:
         try:
-            cmd = p.cmdline()
+            found = watchdog_temp_dir(p.cmdline())
         except psutil.Error:
             continue
-        if "--watch" in cmd and "egrpo_ray.distributed.cluster" in cmd:
-            return cmd[cmd.index("--watch") + 3]
+        if found:
+            return found
     return None
 
 

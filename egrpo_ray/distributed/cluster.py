@@ -365,6 +365,13 @@ def validate_on_cluster(cfg: ExperimentConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+def watchdog_temp_dir(cmdline: list[str]) -> str | None:
+    """The run's temp dir, read from a process's command line if it is this module's watchdog."""
+    if "--watch" in cmdline and WATCHDOG_MODULE in cmdline:
+        return cmdline[cmdline.index("--watch") + 3]
+    return None
+
+
 if __name__ == "__main__":  # the watchdog: python -m egrpo_ray.distributed.cluster --watch PID CTIME TEMP_DIR 0|1
     import sys
 
