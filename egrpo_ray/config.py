@@ -93,11 +93,19 @@ class MergeConfig(Strict):
     active_fraction: Float = Field(0.5, gt=0, le=1)
 
 
+class SuffixConfig(Strict):
+    """The deterministic ODE suffix that carries each E-GRPO branch from its merged step to the image."""
+
+    solver: Literal["euler", "heun", "dpm2m"] = "euler"
+    steps: Optional[Int] = Field(None, ge=1, le=1000)  # None: the schedule's own remaining steps
+
+
 class SamplingConfig(Strict):
     steps: Int = Field(16, ge=1, le=1000)
     shift: Float = Field(3.0, gt=0)
     eta: Float = Field(0.7, ge=0, le=10)
     merge: MergeConfig = MergeConfig()
+    suffix: SuffixConfig = SuffixConfig()
 
 
 class AlgorithmConfig(Strict):
@@ -109,9 +117,17 @@ class AlgorithmConfig(Strict):
     kl_beta: Float = Field(0.0, ge=0)
     logprob_reduction: Literal["mean", "sum"] = "mean"
     multi_reward: Literal["reward", "advantage"] = "reward"
-    # Where the ratio's denominator comes from: the sampler's stored log-probs, or a no-grad
-    # recompute by the learner before the update (exactly 1 on-policy whatever the numerics).
-    old_logprob: Literal["rollout", "recompute"] = "rollout"
+    # Where the ratio's denominator comes from: "rollout", the sampler's stored log-probs; "recompute", a
+    # no-grad recompute by the learner before the update (exactly 1 on-policy whatever the numerics);
+    # "decoupled", the recompute anchors the clip and each row is weighted by the capped behaviour ratio
+    # pi_recompute / pi_sampler (decoupled PPO, for stale samples). "auto": decoupled when
+    # learner.max_staleness > 0, else rollout.
+    old_logprob: Literal["auto", "rollout", "recompute", "decoupled"] = "auto"
+    behaviour_ratio_cap: Float = Field(2.0, ge=1)  # decoupled: cap on pi_recompute / pi_sampler
+    # Where the baselines' sources differ; None = the strategy's own source's default (docs/algorithm.md section 8).
+    adv_std: Optional[Literal["population", "unbiased"]] = None
+    adv_clip_order: Optional[Literal["each_reward", "after_sum"]] = None  # multi_reward "advantage" mode
+    shared_noise: Optional[Bool] = None  # one initial noise per group (trajectory strategies)
     dance_eta: Float = Field(0.3, ge=0)  # DanceGRPO's own constant-noise SDE
     timestep_fraction: Float = Field(0.6, gt=0, le=1)  # DanceGRPO: share of steps trained
     window_size: Int = Field(4, ge=1)  # MixGRPO / Flow-GRPO-Fast SDE window
@@ -169,6 +185,9 @@ class LearnerConfig(Strict):
     iterations: Int = Field(20, ge=1)
     prompts_per_step: Int = Field(4, ge=1)  # prompts whose groups make one update
     minibatch_rows: Int = Field(8, ge=1)  # (prompt, entry) rows per gradient step
+    # random: shuffled rows, minibatch_rows each; by_entry: the paper's code, one optimizer step per plan
+    # entry (step index) over all of the step's prompts
+    minibatch: Literal["random", "by_entry"] = "random"
     epochs: Int = Field(1, ge=1, le=100)  # passes over each batch
     lr: Float = Field(2e-6, gt=0, le=1)
     weight_decay: Float = Field(1e-4, ge=0)
@@ -227,6 +246,9 @@ class ExperimentConfig(Strict):
             raise ValueError("algorithm.window_size must not exceed sampling.steps")
         if self.model.kind != "tiny" and not self.model.path:
             raise ValueError(f"model.path is required for model.kind '{self.model.kind}'")
+        if self.algorithm.old_logprob == "recompute" and self.learner.max_staleness > 0:
+            raise ValueError("algorithm.old_logprob 'recompute' with learner.max_staleness > 0 would treat stale "
+                             "samples as on-policy; use 'decoupled' (or 'auto')")
         if self.learner.prompts_per_step % self.learner.workers:
             raise ValueError("learner.prompts_per_step must be a multiple of learner.workers")
         names = [r.name for r in self.rewards]

@@ -17,7 +17,7 @@ class UpdateSettings:
     """The numbers one update needs, gathered from the algorithm and learner config sections."""
 
     clip_range: float
-    old_logprob: Literal["rollout", "recompute"]
+    old_logprob: Literal["rollout", "recompute", "decoupled"]
     kl_beta: float
     rows_per_minibatch: int
     epochs: int
@@ -26,7 +26,10 @@ class UpdateSettings:
     @classmethod
     def from_config(cls, algorithm, learner) -> "UpdateSettings":
         """From config.AlgorithmConfig and config.LearnerConfig (read by attribute: no pydantic here)."""
-        return cls(algorithm.clip_range, algorithm.old_logprob, algorithm.kl_beta, learner.minibatch_rows,
+        old_logprob = algorithm.old_logprob
+        if old_logprob == "auto":  # stale samples need the behaviour weight; on-policy the sampler's are exact
+            old_logprob = "decoupled" if learner.max_staleness > 0 else "rollout"
+        return cls(algorithm.clip_range, old_logprob, algorithm.kl_beta, learner.minibatch_rows,
                    learner.epochs, learner.grad_clip)
 
 
