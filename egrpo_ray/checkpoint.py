@@ -7,6 +7,7 @@
 - ``transformer/`` (full fine-tunes): a consolidated transformer in the model dtype (bf16 for FLUX) that
   ``FluxTransformer2DModel.from_pretrained`` / ``SD3Transformer2DModel.from_pretrained`` load.
 - ``meta.json``: step, policy version, ranks and the data cursor.
+- ``rng/rank_<r>.safetensors``: each rank's torch RNG states (a resume restores each rank's own).
 Each checkpoint is written under a temporary name and renamed when complete, so a crash never leaves
 a half-written ``step_<N>``. Nothing here unpickles: DCP reads tensors, the exports are safetensors.
 """
@@ -26,6 +27,7 @@ from egrpo_ray.config import ConfigError
 from egrpo_ray.parallel import full_trainable_state
 
 STATE_DIR, LORA_DIR, TRANSFORMER_DIR, META_FILE = "state", "lora", "transformer", "meta.json"
+RNG_DIR = "rng"  # one safetensors file of RNG states per rank
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
 TRANSFORMER_PREFIX = "transformer."
 
@@ -66,6 +68,7 @@ def save_checkpoint(root: str | Path, step: int, policy: nn.Module, optimizer: t
         tmp.mkdir(parents=True)
     _barrier()
     dcp.save(_training_state(policy, optimizer), checkpoint_id=str(tmp / STATE_DIR))
+    save_rng_state(tmp)
     export_weights(policy, tmp, lora, export_dtype)
     if _rank() == 0:
         (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -85,7 +88,39 @@ def load_training_state(checkpoint: str | Path, policy: nn.Module, optimizer: to
     dcp.load(state, checkpoint_id=str(checkpoint / STATE_DIR))
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_state_options())
+    load_rng_state(checkpoint)
     return read_meta(checkpoint)
+
+
+def _rng_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / RNG_DIR / f"rank_{rank:05d}.safetensors"
+
+
+def save_rng_state(checkpoint: str | Path) -> None:
+    """This rank's torch RNG states (CPU, and every CUDA device's when CUDA is in use) as safetensors
+    ``rng/rank_<r>.safetensors``: each rank writes its own, so a resume continues every rank's stream."""
+    from safetensors.torch import save_file
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    path = _rng_file(Path(checkpoint), _rank())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def load_rng_state(checkpoint: str | Path) -> bool:
+    """Restore this rank's RNG states from ``rng/rank_<r>.safetensors``; False when the checkpoint has
+    none for this rank (written on fewer ranks, or before RNG states were saved): the seeded state stays."""
+    path = _rng_file(Path(checkpoint), _rank())
+    if not path.is_file():
+        return False
+    state = _load_safetensors(path)
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[f"cuda_{i}"] for i in range(len(state) - 1) if f"cuda_{i}" in state]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    return True
 
 
 class CheckpointError(ConfigError):
@@ -220,7 +255,13 @@ def _write_lora(policy: nn.Module, state: dict[str, torch.Tensor], directory: Pa
 
 
 def _write_transformer(policy: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    import logging
+
     from huggingface_hub import save_torch_state_dict
+    from huggingface_hub.serialization import _torch as hub_torch
+
+    # its logger (named after its file, so outside the hub's quiet logger tree) prints an INFO line per save
+    hub_torch.logger.setLevel(logging.WARNING)
 
     weights = {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
     directory.mkdir(parents=True, exist_ok=True)
@@ -335,6 +376,21 @@ def load_export(policy: nn.Module, checkpoint: str | Path) -> None:
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].dtype))
+
+
+def export_final_lora(checkpoint: str | Path, output_dir: str | Path) -> Path | None:
+    """Copy a checkpoint's LoRA export to ``<output_dir>/lora`` (what ``egrpo-ray eval --lora`` and diffusers'
+    ``load_lora_weights`` read), replacing an older copy whole; None when the checkpoint has no LoRA export."""
+    source = Path(checkpoint) / LORA_DIR
+    if not (source / LORA_FILE).is_file():
+        return None
+    target = Path(output_dir) / LORA_DIR
+    tmp = target.with_name(LORA_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def _first_line(err: BaseException) -> str:

@@ -155,6 +155,11 @@ class PromptsConfig(Strict):
     train_path: Optional[Path_] = None
     test_path: Optional[Path_] = None
     heldout_count: Int = Field(16, ge=1)
+    # The tiny task's prompt kinds (tasks/scenes.py) for RL training and for the held-out set. The
+    # shipped base is weak on relations and counts: that is where RL has room to move.
+    tiny_train_kinds: list[Literal["single", "relation", "count"]] = Field(default_factory=lambda: ["relation", "count"], min_length=1)
+    tiny_heldout_kinds: list[Literal["single", "relation", "count"]] = Field(default_factory=lambda: ["single", "relation", "count"], min_length=1)
+    validation_count: Int = Field(48, ge=1)  # validation prompts for learning-rate sweeps (never held-out ones)
 
 
 class RolloutConfig(Strict):
@@ -220,8 +225,19 @@ class LoggingConfig(Strict):
     output_dir: Path_ = "runs/tiny"
     log_every: Int = Field(1, ge=1)
     grid_every: Int = Field(10, ge=1)
-    metrics_port: Optional[Int] = Field(None, ge=0, le=65535)  # Prometheus /metrics; None = off, 0 = any free port
-    metrics_host: Text = "127.0.0.1"
+    # Metrics go through Ray's metrics agent (monitoring.py). The run copies its cluster's Prometheus file_sd
+    # targets to <output_dir>/prometheus_targets.json and, when this is set, to <dir>/<run name>.json.
+    prometheus_targets_dir: Optional[Path_] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            gone = [k for k in ("metrics_port", "metrics_host") if k in data]
+            if gone:
+                raise ValueError(f"{gone[0]} was removed: the run's metrics now go through Ray's metrics agent "
+                                 "(no port of its own; see the README's Monitoring section)")
+        return data
 
 
 class ExperimentConfig(Strict):
@@ -387,13 +403,16 @@ def read_config_text(path: str | Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+# The embedded default config: configs/tiny.yaml, shipped in the package (a link to it in the source tree).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "default.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML file (None = all defaults), apply ``key=value`` overrides, validate."""
-    data: Any = {}
-    if path is not None:
-        data = parse_yaml_config(read_config_text(path), str(Path(path).expanduser()))
-        if data is None:
-            data = {}
+    """Read a YAML file (None = the embedded default, configs/tiny.yaml), apply ``key=value`` overrides, validate."""
+    path = DEFAULT_CONFIG if path is None else path
+    data: Any = parse_yaml_config(read_config_text(path), str(Path(path).expanduser()))
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return validate(apply_overrides(data, overrides or []))

@@ -2,8 +2,10 @@
 
 Sampling is the deterministic ODE sampler (egrpo_ray.algo.sampler.sample_ode) over the configured
 schedule (steps, shift), from a fixed noise per prompt: prompt i's noise comes from its own generator
-seeded with ``seed + i``, so a prompt gets the same image whatever the batch size or prompt count, and
-two models are compared on identical noise. Outputs in ``output_dir``:
+seeded with ``seed + i`` (draw k > 0: ``seed + k * DRAW_STRIDE + i``), so a prompt gets the same image
+whatever the prompt count, and two models are compared on identical noise. ``score_heldout`` is the one
+scoring function: ``egrpo-ray eval``, both training loops' held-out records and the strategy benchmark
+use it, so the same weights give the same number everywhere. Outputs in ``output_dir``:
 
 - ``eval.json``: settings, per reward mean / std (population std over prompts) / min / max, and every
   prompt's scores;
@@ -16,7 +18,8 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -30,10 +33,92 @@ TABLE_ORDER = ("hps", "clip", "pickscore", "imagereward")
 COLUMN_NAMES = {"hps": "HPS", "clip": "CLIP", "pickscore": "PickScore", "imagereward": "ImageReward"}
 
 
-def prompt_noise(latent_shape: Sequence[int], seed: int, start: int, count: int) -> torch.Tensor:
-    """Noise for prompts start..start+count-1, each from its own generator (batch-size independent)."""
-    rows = [torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(seed + start + k)) for k in range(count)]
+HELDOUT_BATCH = 8  # prompts per sampling batch, in eval and in training's held-out scoring alike
+DRAW_STRIDE = 1_000_003  # noise seed offset between draws (far above any prompt count)
+
+
+def prompt_noise(latent_shape: Sequence[int], seed: int, start: int, count: int, draw: int = 0) -> torch.Tensor:
+    """Noise for prompts start..start+count-1, each from its own generator (batch-size independent);
+    ``draw`` k picks the k-th independent noise per prompt (draw 0: seed + i)."""
+    base = seed + draw * DRAW_STRIDE + start
+    rows = [torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(base + k)) for k in range(count)]
     return torch.stack(rows)
+
+
+@dataclass
+class HeldoutScores:
+    """Per reward, each prompt's score averaged over the draws; draw 0's images; their image quality."""
+
+    per_prompt: dict[str, torch.Tensor]  # name -> [P]
+    images: torch.Tensor  # [min(P, keep_images), 3, H, W] of draw 0, CPU
+    quality: dict[str, float]  # egrpo_ray.quality.image_quality over all of draw 0's images
+    sample_seconds: float
+
+    def weighted(self, weights: Mapping[str, float]) -> float:
+        """The weighted sum of the rewards, averaged over prompts (training's held-out reward)."""
+        return float(sum(weights[k] * v for k, v in self.per_prompt.items()).mean())
+
+
+@torch.no_grad()
+def score_heldout(policy, prompts: Sequence[str], reward_fn: Optional[RewardFn], steps: int, shift: float, seed: int,
+                  batch_size: int = HELDOUT_BATCH, draws: int = 1, keep_images: Optional[int] = None,
+                  on_batch: Optional[Callable[[int], None]] = None) -> Optional[HeldoutScores]:
+    """ODE-sample every prompt ``draws`` times (eval mode, fixed per-prompt noise) and score each batch.
+
+    ``reward_fn`` None only samples (FSDP ranks other than 0 join rank 0's sharded forwards this way)
+    and returns None. ``on_batch`` is called with the number of images after each batch (progress).
+    """
+    from egrpo_ray.quality import image_quality_per_image
+
+    prompts = list(prompts)
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    was_training = policy.training
+    policy.eval()
+    sigmas = shifted_sigmas(steps, shift)
+    device = policy_device(policy)
+    scores: dict[str, list[list[torch.Tensor]]] = {}
+    kept: list[torch.Tensor] = []
+    quality: dict[str, list[torch.Tensor]] = {}
+    sample_s = 0.0
+    keep = len(prompts) if keep_images is None else keep_images
+    try:
+        for draw in range(draws):
+            for a in range(0, len(prompts), batch_size):
+                batch = prompts[a : a + batch_size]
+                ts = time.perf_counter()
+                cond = policy.encode_prompts(batch)
+                noise = prompt_noise(policy.latent_shape, seed, a, len(batch), draw).to(device)
+                images = policy.decode(sample_ode(policy, cond, noise, sigmas)).float().cpu()
+                sample_s += time.perf_counter() - ts
+                if reward_fn is not None:
+                    for name, v in reward_fn(images, batch).items():
+                        v = torch.as_tensor(v).detach().float().cpu().reshape(-1)
+                        if len(v) != len(batch):
+                            raise ValueError(f"reward {name} returned {len(v)} scores for {len(batch)} images")
+                        scores.setdefault(name, [[] for _ in range(draws)])[draw].append(v)
+                    if draw == 0:  # image quality (not rewarded) of every draw-0 image
+                        for k, q in image_quality_per_image(images).items():
+                            quality.setdefault(k, []).append(q.cpu())
+                        kept.extend(images[: max(0, keep - len(kept))])
+                if on_batch is not None:
+                    on_batch(len(batch))
+    finally:
+        policy.train(was_training)
+    if reward_fn is None:
+        return None
+    per_prompt = {name: torch.stack([torch.cat(d) for d in per_draw]).mean(0) for name, per_draw in scores.items()}
+    images = torch.stack(kept) if kept else torch.empty(0)
+    return HeldoutScores(per_prompt, images, {k: float(torch.cat(v).mean()) for k, v in quality.items()}, sample_s)
+
+
+def _reward_fn(rewards: Mapping[str, "object"]) -> RewardFn:
+    """eval's reward models (name -> model) as one scoring function."""
+
+    def score(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {name: reward(images, list(prompts)) for name, reward in rewards.items()}
+
+    return score
 
 
 def _ordered(names: Sequence[str]) -> list[str]:
@@ -49,7 +134,6 @@ def format_table(summary: Mapping[str, Mapping[str, float]], label: str, digits:
     return "\n".join([header, rule, f"| {label} | " + " | ".join(cells) + " |"]) + "\n"
 
 
-@torch.no_grad()
 def evaluate(
     policy,
     prompts: Sequence[str],
@@ -62,9 +146,12 @@ def evaluate(
     label: str = "model",
     grid_max: int = 64,
     grid_columns: int = 8,
+    draws: int = 1,
+    on_batch: Optional[Callable[[int], None]] = None,
 ) -> dict:
-    """Sample every prompt once by ODE, score with every reward, write eval.json, eval_table.md and
-    eval_grid.png. Returns the eval.json content."""
+    """Sample every prompt ``draws`` times by ODE (``score_heldout``), score with every reward (each
+    prompt's score: the mean over draws), write eval.json, eval_table.md and eval_grid.png.
+    Returns the eval.json content."""
     from egrpo_ray.outputs import save_grid
 
     prompts = list(prompts)
@@ -74,33 +161,12 @@ def evaluate(
         raise ValueError("evaluate: no rewards")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    was_training = policy.training
-    policy.eval()
-    sigmas = shifted_sigmas(steps, shift)
-    device = next(iter(policy.parameters()), torch.empty(0)).device
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
-    grid: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    sample_s = 0.0
-    try:
-        for a in range(0, len(prompts), batch_size):
-            batch = prompts[a : a + batch_size]
-            ts = time.perf_counter()
-            cond = policy.encode_prompts(batch)
-            noise = prompt_noise(policy.latent_shape, seed, a, len(batch)).to(device)
-            latents = sample_ode(policy, cond, noise, sigmas)
-            images = policy.decode(latents).float()
-            sample_s += time.perf_counter() - ts
-            for name, reward in rewards.items():
-                s = torch.as_tensor(reward(images, batch)).detach().float().cpu().reshape(-1)
-                if len(s) != len(batch):
-                    raise ValueError(f"reward {name} returned {len(s)} scores for {len(batch)} images")
-                scores[name].append(s)
-            if len(grid) < grid_max:
-                grid.extend(images[: grid_max - len(grid)].cpu())
-    finally:
-        policy.train(was_training)
-    per_reward = {name: torch.cat(v) for name, v in scores.items()}
+    scored = score_heldout(policy, prompts, _reward_fn(rewards), steps, shift, seed, batch_size, draws,
+                           keep_images=grid_max, on_batch=on_batch)
+    per_reward = scored.per_prompt
+    grid = list(scored.images)
+    sample_s = scored.sample_seconds
     summary = {
         name: {
             "mean": float(v.mean()),
@@ -116,44 +182,24 @@ def evaluate(
         "steps": steps,
         "shift": shift,
         "seed": seed,
+        "draws": draws,
         "sampler": "ode",
         "seconds": round(time.perf_counter() - t0, 3),
         "sample_seconds": round(sample_s, 3),
         "rewards": summary,
+        "quality": scored.quality,  # image checks the rewards do not see (egrpo_ray.quality), draw 0
         "per_prompt": [
             {"prompt": p, **{name: float(per_reward[name][i]) for name in per_reward}} for i, p in enumerate(prompts)
         ],
     }
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
     (out_dir / "eval_table.md").write_text(format_table(summary, label))
-    save_grid(torch.stack(grid), out_dir / "eval_grid.png", columns=min(grid_columns, len(grid)))
+    save_grid(torch.stack(grid), out_dir / "eval_grid.png", columns=min(grid_columns, len(grid)),
+              captions=prompts[: len(grid)])
     return result
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="score a model (base, checkpoint or LoRA) on held-out prompts")
-    p.add_argument("--config", help="YAML experiment config (default: the embedded tiny default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.path=/models/FLUX.1-dev (repeatable)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", metavar="DIR",
-                     help="a training checkpoint (its LoRA or transformer export), a run dir (its latest checkpoint), "
-                          "or a directory of trainable weights (safetensors)")
-    src.add_argument("--lora", metavar="DIR", help="a LoRA in diffusers format (pytorch_lora_weights.safetensors)")
-    p.add_argument("--rewards", help="comma-separated reward names (default: the config's rewards)")
-    p.add_argument("--reward-path", action="append", default=[], metavar="NAME=PATH",
-                   help="checkpoint path of a reward not in the config (repeatable)")
-    p.add_argument("--num-prompts", type=int, help="evaluate only the first N held-out prompts")
-    p.add_argument("--output-dir", help="where to write eval.json, eval_table.md, eval_grid.png "
-                                        "(default: <logging.output_dir>/eval)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts sampled per batch (default 8)")
-    p.add_argument("--seed", type=int, help="noise seed (default: the config's seed)")
-    p.add_argument("--device", help="policy device (default: cuda if available, else cpu)")
-    p.add_argument("--label", help="row label in the table (default: base / checkpoint / lora name)")
-    p.set_defaults(func=run)
 
 
 def eval_prompts(cfg) -> list[str]:
@@ -254,8 +300,11 @@ def run(args: argparse.Namespace) -> int:
         if args.num_prompts < 1:
             raise ConfigError("--num-prompts must be >= 1")
         prompts = prompts[: args.num_prompts]
-    if args.batch_size < 1:
+    batch_size = HELDOUT_BATCH if args.batch_size is None else args.batch_size  # training's held-out batches
+    if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
+    if args.draws < 1:
+        raise ConfigError("--draws must be >= 1")
     device = _check_device(args.device)
     reward_configs = _reward_configs(cfg, args.rewards, args.reward_path)
     for i, rc in enumerate(reward_configs):
@@ -311,26 +360,37 @@ def run(args: argparse.Namespace) -> int:
         label = args.label or f"lora:{Path(args.lora).name}"
     policy.to(device)
     seed = cfg.seed if args.seed is None else args.seed
-    result = evaluate(policy, prompts, rewards, cfg.sampling.steps, cfg.sampling.shift, seed, args.batch_size,
-                      output_dir, label=label)
+    from egrpo_ray.outputs import Progress
+
+    # a bar on a terminal, else a line per ~10% (a FLUX eval takes minutes)
+    total = len(prompts) * args.draws
+    progress = Progress(total, "eval", "images", every=max(1, total // 10), enabled=not args.no_progress)
+    try:
+        result = evaluate(policy, prompts, rewards, cfg.sampling.steps, cfg.sampling.shift, seed, batch_size,
+                          output_dir, label=label, draws=args.draws, on_batch=progress.update)
+    finally:
+        progress.close()
     print(format_table(result["rewards"], label), end="")
     print(f"wrote {Path(output_dir) / 'eval.json'}, eval_table.md, eval_grid.png")
     return 0
 
 
-# Held-out scoring during training (the learner's before/after and periodic grids).
+# Held-out scoring during training (the learner's before/after and periodic grids): score_heldout,
+# with the config's schedule and the eval command's batch size, so its numbers are eval's.
 @torch.no_grad()
-def heldout_images(policy: Policy, prompts: Sequence[str], cfg: ExperimentConfig, seed: int, max_batch: int = 64) -> torch.Tensor:
-    """Deterministic ODE samples of fixed prompts from a fixed noise seed (comparable across runs)."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(prompts), *policy.latent_shape), generator=g).to(policy_device(policy))
-    cond = policy.encode_prompts(prompts)
-    latents = sample_ode(policy, cond, noise, shifted_sigmas(cfg.sampling.steps, cfg.sampling.shift), max_batch)
-    return policy.decode(latents).cpu()
+def heldout_images(policy: Policy, prompts: Sequence[str], cfg: ExperimentConfig, seed: int, draws: int = 1) -> None:
+    """Run held-out sampling without scoring (FSDP ranks other than 0 join rank 0's sharded forwards)."""
+    score_heldout(policy, prompts, None, cfg.sampling.steps, cfg.sampling.shift, seed, draws=draws)
 
 
-def heldout_reward(policy: Policy, prompts: Sequence[str], reward_fn: RewardFn, cfg: ExperimentConfig, seed: int) -> tuple[float, torch.Tensor]:
-    images = heldout_images(policy, prompts, cfg, seed)
-    scores = reward_fn(images, prompts)
-    weights = {r.name: r.weight for r in cfg.rewards}
-    return float(sum(weights[k] * v for k, v in scores.items()).mean()), images
+def heldout_scores(policy: Policy, prompts: Sequence[str], reward_fn: RewardFn, cfg: ExperimentConfig, seed: int,
+                   draws: int = 1) -> HeldoutScores:
+    return score_heldout(policy, prompts, reward_fn, cfg.sampling.steps, cfg.sampling.shift, seed, draws=draws)
+
+
+def heldout_reward(policy: Policy, prompts: Sequence[str], reward_fn: RewardFn, cfg: ExperimentConfig, seed: int,
+                   draws: int = 1) -> tuple[float, torch.Tensor]:
+    """Training's held-out reward (the config's weighted reward sum, mean over prompts and draws) and
+    draw 0's images."""
+    scored = heldout_scores(policy, prompts, reward_fn, cfg, seed, draws)
+    return scored.weighted({r.name: r.weight for r in cfg.rewards}), scored.images

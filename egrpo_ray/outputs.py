@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from egrpo_ray.images import to_float, to_uint8
@@ -46,24 +48,82 @@ class MetricsWriter:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> Path:
-    """Tile images [B, 3, H, W] (float in [0, 1] or uint8) into one PNG (upscaled by ``scale`` for small images)."""
+def _caption_strip(text: str, width: int, lines: int) -> torch.Tensor:
+    """``text`` wrapped to ``width`` pixels in PIL's default font, black on white: [3, h, width] in [0, 1]."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    char_w = max(1, int(font.getlength("x")))
+    wrapped = textwrap.wrap(text, max(1, (width - 4) // char_w))[:lines]
+    line_h = font.getbbox("Ag")[3] + 2
+    img = Image.new("RGB", (width, lines * line_h + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(wrapped):
+        draw.text((2, 2 + i * line_h), line, fill="black", font=font)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+
+MIN_TILE_WIDTH = 128  # pixels: narrower images are upscaled so that a caption line holds a few words
+
+
+def _tiles(images: torch.Tensor, scale: int | None) -> torch.Tensor:
+    """[B, 3, H, W] (float in [0, 1] or uint8) as float tiles upscaled ``scale`` times (nearest: tiny images stay
+    sharp; None: enough for MIN_TILE_WIDTH)."""
+    tiles = to_float(images).clamp(0, 1).float()
+    if scale is None:
+        scale = max(1, math.ceil(MIN_TILE_WIDTH / tiles.shape[-1]))
+    if scale > 1:
+        tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    return tiles
+
+
+def _write_png(grid: torch.Tensor, path: str | Path) -> Path:
     from PIL import Image
 
-    b, _, h, w = images.shape
-    cols = columns or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = torch.ones(3, rows * (h + 2), cols * (w + 2))
-    for k in range(b):
-        r, c = divmod(k, cols)
-        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = to_float(images[k]).clamp(0, 1)
-    img = Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy())
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    Image.fromarray(to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def _captioned(tiles: torch.Tensor, captions: Sequence[str] | None, lines: int) -> torch.Tensor:
+    if not captions:
+        return tiles
+    if len(captions) < len(tiles):
+        raise ValueError(f"save_grid: {len(captions)} captions for {len(tiles)} images")
+    width = tiles.shape[-1]
+    return torch.stack([torch.cat([tile, _caption_strip(text, width, lines)], dim=1) for tile, text in zip(tiles, captions)])
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, scale: int | None = None,
+              captions: Sequence[str] | None = None, caption_lines: int = 3) -> Path:
+    """Tile images [B, 3, H, W] (float in [0, 1] or uint8) into one PNG, each upscaled by ``scale`` (small
+    images; None: to MIN_TILE_WIDTH) and captioned with its prompt when ``captions`` are given."""
+    from torchvision.utils import make_grid
+
+    tiles = _captioned(_tiles(images, scale), captions, caption_lines)
+    cols = columns or math.ceil(math.sqrt(len(tiles)))
+    return _write_png(make_grid(tiles, nrow=cols, padding=2, pad_value=1.0), path)
+
+
+def save_comparison(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[str], path: str | Path,
+                    labels: tuple[str, str] = ("before", "after"), columns: int = 4, scale: int | None = None,
+                    caption_lines: int = 3) -> Path:
+    """Each prompt's two images side by side (``labels[0]`` left, ``labels[1]`` right) over its caption,
+    the pairs tiled ``columns`` to a row under a header naming the two sides."""
+    from torchvision.utils import make_grid
+
+    n = min(len(before), len(after), len(prompts))
+    if n == 0:
+        raise ValueError("save_comparison: no images")
+    left, right = _tiles(before[:n], scale), _tiles(after[:n], scale)
+    gap = torch.ones(n, 3, left.shape[2], 2)
+    pairs = _captioned(torch.cat([left, gap, right], dim=3), list(prompts[:n]), caption_lines)
+    grid = make_grid(pairs, nrow=min(columns, n), padding=4, pad_value=1.0)
+    header = _caption_strip(f"each prompt: left {labels[0]}, right {labels[1]}", grid.shape[-1], 1)
+    return _write_png(torch.cat([header, grid], dim=1), path)
 
 
 def plot_reward_curve(records: list[dict], path: str | Path, heldout: list[tuple[int, float]] | None = None) -> Path:
@@ -90,3 +150,45 @@ def plot_reward_curve(records: list[dict], path: str | Path, heldout: list[tuple
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class Progress:
+    """A progress bar on a terminal. Without one (a log file, ``ray job logs``, a pipe) a bar's redraws would
+    pile up in one line, so there is no bar: ``update`` prints a plain line each time ``every`` more units
+    are done (None: no lines; the caller prints its own), and ``write`` prints plain lines."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every: int | None = None,
+                 enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.n = self.last_line = initial
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.set(self.n + n, **postfix)
+
+    def set(self, n: int, **postfix) -> None:
+        self.n = n
+        if self.bar is not None:
+            self.bar.n = n
+            if postfix:
+                self.bar.set_postfix(**postfix, refresh=False)
+            self.bar.refresh()
+        elif self.every and (n - self.last_line >= self.every or n >= self.total) and n != self.last_line:
+            self.last_line = n
+            print(f"{self.desc}: {n}/{self.total} {self.unit}", file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        """A line on stdout (above the bar on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -77,6 +77,20 @@ def prepare_for_training(policy: nn.Module, parallelism: str, compute_dtype: tor
     return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def prepare_reference(reference: nn.Module, parallelism: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Place a frozen KL reference copy like the policy: sharded per block under FSDP (each rank holds
+    1/world of it; its forwards are collectives, run by every rank with the policy's), else whole on the
+    device (no DDP wrapper: it has no gradients to reduce)."""
+    if parallelism == "fsdp":
+        # Stored in the compute dtype: FSDP casts the policy's float32 masters to it for every forward,
+        # so the reference computes the same numbers at half the memory of a float32 copy.
+        reference.transformer.to(compute_dtype)
+        shard_policy(reference, compute_dtype, device)
+    else:
+        reference.to(device)
+    return reference
+
+
 def trainable_named(policy: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the trainable weights, in a fixed order (the same on every rank)."""
     names = set(policy.trainable_state())

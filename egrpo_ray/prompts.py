@@ -113,14 +113,33 @@ def load_prompt_file(path: str | Path) -> list[str]:
 
 
 def prompt_splits(cfg: PromptsConfig) -> tuple[list[str], list[str]]:
-    """(train prompts, held-out prompts) from the configured source."""
-    if cfg.source == "tiny":
-        from egrpo_ray.tasks.shapes import heldout_prompts, train_prompts
+    """(train prompts, held-out prompts) from the configured source.
 
-        return list(train_prompts()), list(heldout_prompts())[: cfg.heldout_count]
+    The tiny source: training combinations of ``tiny_train_kinds`` and held-out combinations of
+    ``tiny_heldout_kinds`` (never seen in pre-training), each interleaved by kind so that a prefix of
+    ``heldout_count`` keeps the mixture (tasks/scenes.py)."""
+    if cfg.source == "tiny":
+        from egrpo_ray.tasks import scenes
+
+        return scenes.prompts("train", cfg.tiny_train_kinds), scenes.prompts("heldout", cfg.tiny_heldout_kinds)[: cfg.heldout_count]
     train = load_prompt_file(cfg.train_path)
     test = load_prompt_file(cfg.test_path) if cfg.test_path else train
     return train, test[: cfg.heldout_count]
+
+
+def validation_prompts(cfg: PromptsConfig) -> list[str]:
+    """Prompts for choosing hyper-parameters (learning-rate sweeps), never the held-out ones.
+
+    The tiny source: its validation combinations of ``tiny_train_kinds``, disjoint from both the RL
+    training prompts and the held-out ones (and, for relations and counts, unseen in pre-training).
+    A file source: an evenly spread subset of the training file (it has no third split; the held-out
+    file stays untouched). At most ``validation_count`` prompts."""
+    if cfg.source == "tiny":
+        from egrpo_ray.tasks import scenes
+
+        return scenes.prompts("validation", cfg.tiny_train_kinds)[: cfg.validation_count]
+    train = load_prompt_file(cfg.train_path)
+    return train[:: max(1, len(train) // cfg.validation_count)][: cfg.validation_count]
 
 
 def train_probe(train_prompts: Sequence[str], count: int = 24) -> list[str]:

@@ -14,20 +14,29 @@ import torch
 from tqdm import tqdm
 
 from egrpo_ray.algo.strategies import build_strategy
-from egrpo_ray.config import ExperimentConfig, add_config_args, load_config
+from egrpo_ray.config import ExperimentConfig, load_config
 from egrpo_ray.models import build_policy
 from egrpo_ray.outputs import MetricsWriter, save_grid
 from egrpo_ray.rewards import build_reward
-from egrpo_ray.evaluate import heldout_reward
+from egrpo_ray.algo.update import step_seed
+from egrpo_ray.evaluate import heldout_scores
 from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe
-from egrpo_ray.training import learn, make_reward_fn, sample_and_score
+from egrpo_ray.training import learn, make_reward_fn, reference_model, sample_and_score
+
+
+def reference_update(policy, items, cfg: ExperimentConfig, strategy, optimizer, step: int, ref_fn=None) -> dict[str, float]:
+    """Update ``step`` (0-based) of the reference loop: what a 1-rank Ray learner does at the same step
+    (same minibatch seed, same partition, same policy version)."""
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, 0, step))
+    return learn(policy, policy, items, cfg, strategy, optimizer, generator, ref_fn, policy_version=step)
 
 
 def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_dir: str | None = None,
                   progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     iterations = iterations or cfg.learner.iterations
-    policy = build_policy(cfg.model)
+    policy = build_policy(cfg.model).eval()  # as the rollout workers and the learner run it
+    ref_fn = reference_model(policy, cfg)  # the KL reference: the starting weights
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
     reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
     train_prompts, heldout = prompt_splits(cfg.prompts)
@@ -35,12 +44,22 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
-    learner_gen = torch.Generator().manual_seed(cfg.seed + 1)
     writer = MetricsWriter(output_dir) if output_dir else None
+    heldout_writer = MetricsWriter(output_dir, "heldout.jsonl") if output_dir else None
+    weights = {r.name: r.weight for r in cfg.rewards}
+
+    def score_heldout(step: int, tag: str) -> tuple[dict, torch.Tensor]:
+        """The Ray learner's held-out record: reward, training-prompt probe, image quality (not rewarded)."""
+        scored = heldout_scores(policy, heldout, reward_fn, cfg, cfg.seed)
+        record = {"event": "heldout", "tag": tag, "step": step, "heldout_reward": scored.weighted(weights),
+                  "train_probe_reward": heldout_scores(policy, probe, reward_fn, cfg, cfg.seed).weighted(weights),
+                  **{f"quality_{k}": v for k, v in scored.quality.items()}}
+        if heldout_writer:
+            heldout_writer.write(record)
+        return record, scored.images
 
     probe = train_probe(train_prompts)
-    before, _ = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
-    train_before, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
+    before, _ = score_heldout(0, "before")
     history, t_start = [], time.perf_counter()
     for step in tqdm(range(1, iterations + 1), desc="reference E-GRPO", disable=not progress):
         items = [
@@ -48,21 +67,22 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
                              step - 1, policy_version=step - 1)
             for _ in range(max(1, cfg.learner.prompts_per_step // cfg.rollout.prompts_per_batch))
         ]
-        metrics = learn(policy, policy, items, cfg, strategy, optimizer, learner_gen)
+        metrics = reference_update(policy, items, cfg, strategy, optimizer, step - 1, ref_fn)
         metrics.update(step=step, policy_version=step, forwards=sum(it.rollout.forwards for it in items),
                        seconds=time.perf_counter() - t_start)
         history.append(metrics)
         if writer:
             writer.write(metrics)
-    after, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
-    train_after, _ = heldout_reward(policy, probe, reward_fn, cfg, cfg.seed)
+    after, images = score_heldout(iterations, "after")
     summary = {
         "iterations": iterations,
         "strategy": cfg.algorithm.strategy,
-        "heldout_reward_before": before,
-        "heldout_reward_after": after,
-        "train_probe_reward_before": train_before,
-        "train_probe_reward_after": train_after,
+        "heldout_reward_before": before["heldout_reward"],
+        "heldout_reward_after": after["heldout_reward"],
+        "train_probe_reward_before": before["train_probe_reward"],
+        "train_probe_reward_after": after["train_probe_reward"],
+        "heldout_quality_before": {k: v for k, v in before.items() if k.startswith("quality_")},
+        "heldout_quality_after": {k: v for k, v in after.items() if k.startswith("quality_")},
         "train_reward_first": history[0]["reward_mean"],
         "train_reward_last": history[-1]["reward_mean"],
         "wall_seconds": time.perf_counter() - t_start,
@@ -72,14 +92,6 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
         save_grid(images, Path(output_dir) / "heldout_final.png", scale=4)
         (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"summary": summary, "history": history, "policy": policy}
-
-
-def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reference", help="run the single-process reference loop (no Ray)")
-    add_config_args(p)
-    p.add_argument("--iterations", type=int, help="learner steps (default: learner.iterations)")
-    p.add_argument("--output-dir", help="where metrics.jsonl and summary.json go")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from egrpo_ray.algo.sampler import Rollout
 from egrpo_ray.algo.strategies import Strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
 from egrpo_ray.config import ExperimentConfig
-from egrpo_ray.models.base import Policy, policy_device
+from egrpo_ray.models.base import AdaptersDisabled, Policy, policy_device
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
 
@@ -74,17 +74,29 @@ def learn(
     generator: torch.Generator,
     ref_fn: Callable | None = None,
     parts: list[torch.Tensor] | None = None,
+    num_parts: int | None = None,
+    policy_version: int | None = None,
 ) -> dict[str, float]:
     """Advantages over the items' groups, then one clipped-surrogate update through ``fn``
-    (the policy itself, or its DDP wrapper). Returns the step's metrics."""
+    (the policy itself, or its DDP wrapper). Returns the step's metrics.
+
+    ``ref_fn``: the KL reference (``reference_model``); ``num_parts``: the minibatch count every
+    data-parallel rank uses; ``policy_version``: the weights' version now, so that groups it sampled
+    count as on-policy (decoupled weight exactly 1)."""
     batch = Rollout.concat([it.rollout for it in items]).to(policy_device(policy))
     rewards = {k: torch.cat([it.rewards[k] for it in items]) for k in items[0].rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
     alg = cfg.algorithm
-    adv = combine_rewards(rewards, weights, batch.sample_group, alg.multi_reward, alg.adv_eps, alg.adv_clip)
+    adv = combine_rewards(rewards, weights, batch.sample_group, alg.multi_reward, alg.adv_eps, alg.adv_clip,
+                          strategy.adv_std, strategy.adv_clip_order)  # the source's defaults (algorithm.md s. 8)
     cond = policy.encode_prompts(batch.prompts)
     settings = UpdateSettings.from_config(alg, cfg.learner)
-    stats = grpo_update(fn, cond, batch, adv, strategy.kernel, settings, optimizer, generator, ref_fn, parts)
+    on_policy = None
+    if policy_version is not None:
+        on_policy = torch.cat([torch.full((len(it.rollout.step_index),), it.policy_version == policy_version)
+                               for it in items])
+    stats = grpo_update(fn, cond, batch, adv, strategy.kernel, settings, optimizer, generator, ref_fn, parts,
+                        num_parts, on_policy)
     total = sum(weights[k] * rewards[k] for k in rewards)
     out = {
         "reward_mean": float(total.mean()),
@@ -98,3 +110,13 @@ def learn(
     return out
 
 
+def reference_model(policy: Policy, cfg: ExperimentConfig) -> Callable | None:
+    """The KL reference (None when algorithm.kl_beta is 0): a LoRA policy is its own reference with
+    the adapters switched off (no second copy); a full fine-tune gets a frozen copy of the starting
+    weights (an nn.Module: the Ray learner shards it like the policy). Build it before loading a
+    checkpoint: the reference is the base model."""
+    if cfg.algorithm.kl_beta <= 0:
+        return None
+    if cfg.model.lora.enabled:
+        return AdaptersDisabled(policy)
+    return policy.reference_copy()

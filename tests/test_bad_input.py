@@ -212,7 +212,7 @@ CASES = [
     ("resume-meta-bad-cursor", lambda t: (run_dir(t, meta={"step": 3, "policy_version": 3, "prompt_batches_by_worker": [1]}), train(t, resume=True))[1], "'prompt_batches_by_worker' must map"),
     ("resume-no-state", lambda t: (run_dir(t, state=False), train(t, resume=True))[1], "state: missing"),
     ("resume-empty-metadata", lambda t: (write(run_dir(t) / "state" / ".metadata", b""), train(t, resume=True))[1], ".metadata: missing or empty"),
-    ("resume-past-iterations", lambda t: (run_dir(t, step=30), train(t, resume=True))[1], "not below learner.iterations = 20"),
+    ("resume-past-iterations", lambda t: (run_dir(t, step=50), train(t, resume=True))[1], "not below learner.iterations = 40"),
     ("fresh-run-over-checkpoints", lambda t: (run_dir(t), train(t))[1], "already holds checkpoints"),
     ("output-dir-under-file", lambda t: train(t, out=write(t / "f", "x") / "run"), "cannot be created: " ),
     ("output-dir-is-file", lambda t: train(t, out=write(t / OUT, "x")), "exists and is not a directory"),

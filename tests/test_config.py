@@ -64,7 +64,7 @@ def test_missing_config_file(capsys):
 def test_overrides_apply_and_defaults_validate(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["sampling.merge.tau=2.0", "learner.lr=1e-4", "rewards.0.weight=2"])
     assert cfg.sampling.merge.tau == 2.0 and cfg.learner.lr == 1e-4 and cfg.rewards[0].weight == 2
-    assert load_config(None) == ExperimentConfig()
+    assert load_config(None) == load_config(ROOT / "configs" / "tiny.yaml")  # the embedded default
     with pytest.raises(ConfigError):
         load_config(None, ["learner.lr=0"])
 
@@ -85,7 +85,7 @@ def test_console_script_exit_code_and_one_line():
 def test_plan_cli_json_and_table(capsys):
     import json
 
-    assert main(["plan", "--steps", "16", "--shift", "3", "--eta", "0.7", "--tau", "2.2", "--json"]) == 0
+    assert main(["plan", "--steps", "16", "--shift", "3", "--eta", "0.7", "--tau", "2.2", "--group-size", "12", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["plan"] == [[0, 1], [1, 1], [2, 2], [4, 2], [6, 3]]
     assert len(out["sigmas"]) == 17 and len(out["entropy"]) == 16

@@ -2,7 +2,6 @@
 subcommand end to end (config, prompts file, rewards, LoRA), and prompt files (egrpo_ray/prompts.py)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -15,7 +14,8 @@ except ImportError:  # tests/ as a package
     from tests import tiny_real_models as tiny
 
 from egrpo_ray.config import ConfigError, LoraConfig, ModelConfig, RewardConfig
-from egrpo_ray.evaluate import add_subcommand, evaluate
+from egrpo_ray.cli import build_parser
+from egrpo_ray.evaluate import evaluate
 from egrpo_ray.models import build_policy
 from egrpo_ray.prompts import load_prompt_file
 from egrpo_ray.rewards import build_reward
@@ -93,9 +93,7 @@ def _with_model_name(init, model_name):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -173,3 +171,32 @@ def test_prompt_file_errors(tmp_path, name, text, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_prompt_file(tmp_path / name)
     assert "\n" not in str(info.value)
+
+
+def test_eval_and_training_heldout_give_the_same_number(tmp_path):
+    """One scoring function: the `eval` command's evaluate() and the training loops' held-out reward agree
+    exactly for the same weights; draws average independent noises (draw k = seed + k * DRAW_STRIDE)."""
+    from egrpo_ray.config import load_config
+    from egrpo_ray.evaluate import DRAW_STRIDE, HELDOUT_BATCH, heldout_reward, score_heldout
+    from egrpo_ray.prompts import prompt_splits
+    from egrpo_ray.training import make_reward_fn
+
+    cfg = load_config(None, ["prompts.heldout_count=10", "sampling.steps=6"])
+    policy = build_policy(cfg.model)
+    _, heldout = prompt_splits(cfg.prompts)
+    rewards = {r.name: build_reward(r) for r in cfg.rewards}
+    reward_fn = make_reward_fn(rewards)
+    value, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)
+    res = evaluate(policy, heldout, rewards, cfg.sampling.steps, cfg.sampling.shift, cfg.seed, HELDOUT_BATCH, tmp_path)
+    assert res["rewards"]["alignment"]["mean"] == value and len(images) == len(heldout)
+    from egrpo_ray.quality import image_quality
+
+    assert res["quality"] == pytest.approx(image_quality(images), rel=1e-6)  # logged beside the reward
+    assert set(res["quality"]) >= {"background_noise", "high_freq_share"}
+    two = score_heldout(policy, heldout, reward_fn, cfg.sampling.steps, cfg.sampling.shift, cfg.seed, draws=2)
+    other = score_heldout(policy, heldout, reward_fn, cfg.sampling.steps, cfg.sampling.shift, cfg.seed + DRAW_STRIDE)
+    first = torch.tensor([p["alignment"] for p in res["per_prompt"]])
+    assert torch.allclose(two.per_prompt["alignment"], (first + other.per_prompt["alignment"]) / 2, atol=1e-6)
+    assert not torch.equal(other.per_prompt["alignment"], first)  # a different noise
+    assert evaluate(policy, heldout, rewards, cfg.sampling.steps, cfg.sampling.shift, cfg.seed, HELDOUT_BATCH,
+                    tmp_path, draws=2)["rewards"]["alignment"]["mean"] == pytest.approx(float(two.per_prompt["alignment"].mean()))

@@ -100,3 +100,115 @@ def test_kl_to_reference_is_zero_for_identical_models_and_positive_after_a_chang
         toy_policy.net[2].bias.add_(0.1)
     out = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 1e-4, kl_beta=0.1, ref_fn=ref)
     assert out.kl > 0
+
+
+# ------------------------------------------------------------------ KL reference, decoupled PPO, partitions
+
+from egrpo_ray.algo.sde import sde_mean_std  # noqa: E402
+from egrpo_ray.algo.update import behaviour_weight, partition_count, partition_rows  # noqa: E402
+
+
+def _settings(old_logprob="recompute", kl_beta=0.0, rows=3, epochs=1, minibatch="random", cap=2.0):
+    return UpdateSettings(clip_range=0.2, old_logprob=old_logprob, kl_beta=kl_beta, rows_per_minibatch=rows,
+                          epochs=epochs, grad_clip=1e9, behaviour_ratio_cap=cap, minibatch=minibatch)
+
+
+def _closed_form_kl(policy, ref, cond, r, kernel):
+    """beta-free KL per valid row, from the two models' step means: ||mean - mean_ref||^2 / (2 std^2),
+    averaged over the latent (kernel.reduction 'mean'), then over rows."""
+    i, l = r.step_index, r.step_len
+    s, s_next = kernel.s(i), kernel.s(i + l)
+    c = {k: v[r.row_prompt] for k, v in cond.items()}
+    with torch.no_grad():
+        m, std = sde_mean_std(r.start_latents, policy(r.start_latents, s, c), s, s_next, kernel.noise_level(i), kernel.kind)
+        m_ref, _ = sde_mean_std(r.start_latents, ref(r.start_latents, s, c), s, s_next, kernel.noise_level(i), kernel.kind)
+    return float((((m - m_ref) ** 2).flatten(1).mean(1) / (2 * std**2)).mean())
+
+
+def test_kl_reference_copy_is_zero_first_then_matches_the_closed_form(toy_policy):
+    strategy, cond, r, adv = _batch(toy_policy, "egrpo")
+    assert bool(adv.valid_group.all())  # random rewards: every row counts, so the KL mean is over all rows
+    ref = toy_policy.reference_copy()
+    assert ref.embed is toy_policy.embed  # frozen parts are shared, not copied
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    beta = 0.5
+    plain = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2)
+    with_kl = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2, kl_beta=beta, ref_fn=ref)
+    assert with_kl.kl == 0.0 and torch.equal(with_kl.loss, plain.loss)
+    opt = torch.optim.SGD([p for p in toy_policy.parameters() if p.requires_grad], lr=0.05)
+    grpo_update(toy_policy, cond, r, adv, strategy.kernel, _settings(kl_beta=beta), opt, torch.Generator().manual_seed(0),
+                ref_fn=ref)
+    plain = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2)
+    with_kl = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2, kl_beta=beta, ref_fn=ref)
+    expected = _closed_form_kl(toy_policy, ref, cond, r, strategy.kernel)
+    assert expected > 1e-6
+    assert with_kl.kl == pytest.approx(expected, rel=1e-5)
+    assert float((with_kl.loss - plain.loss).detach()) == pytest.approx(beta * expected, rel=1e-4)
+
+
+def test_decoupled_on_policy_has_weight_one_and_equals_recompute(toy_policy):
+    import copy
+
+    strategy, cond, r, adv = _batch(toy_policy, "egrpo")
+    other = copy.deepcopy(toy_policy)
+    stats = {}
+    for mode, policy in (("recompute", toy_policy), ("decoupled", other)):
+        opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+        stats[mode] = grpo_update(policy, cond, r, adv, strategy.kernel, _settings(mode, epochs=2), opt,
+                                  torch.Generator().manual_seed(3), on_policy_rows=torch.ones(len(r.step_index), dtype=torch.bool))
+    assert stats["decoupled"].behaviour_weight_mean == 1.0
+    assert stats["decoupled"].loss == stats["recompute"].loss
+    assert all(torch.equal(a, b) for a, b in zip(toy_policy.parameters(), other.parameters()))
+
+
+def test_decoupled_weight_is_the_capped_behaviour_ratio_when_stale(toy_policy):
+    import copy
+
+    behaviour = copy.deepcopy(toy_policy)
+    with torch.no_grad():
+        behaviour.net[2].weight.mul_(1.3)  # a stale sampler: other weights drew the batch
+    strategy, cond, r, adv = _batch(behaviour, "egrpo")
+    cap = 1.01
+    with torch.no_grad():
+        prox = score_rows(toy_policy, cond, r, strategy.kernel).log_probs
+    expected_w = torch.minimum(torch.exp(prox - r.old_log_probs), torch.tensor(cap))
+    assert 0 < int((expected_w == cap).sum()) < expected_w.numel()  # some capped, some not
+    assert torch.equal(behaviour_weight(prox, r.old_log_probs, cap), expected_w)
+    # the update's loss is the weighted surrogate anchored at the learner's recompute (ratio 1 on step one)
+    a = adv.values[r.row_samples]
+    expected_loss = float((expected_w * torch.maximum(-a, -a)).mean(1).mean())
+    opt = torch.optim.SGD([p for p in toy_policy.parameters() if p.requires_grad], lr=0.0)
+    stats = grpo_update(toy_policy, cond, r, adv, strategy.kernel, _settings("decoupled", cap=cap), opt,
+                        torch.Generator(), parts=[torch.arange(len(r.step_index))])
+    assert stats.ratio_mean_first == 1.0
+    assert stats.behaviour_weight_mean == pytest.approx(float(expected_w.mean()), rel=1e-6)
+    assert stats.loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_partitions_cover_every_row_once_and_pad_to_a_shared_count():
+    step_index = torch.tensor([3, 0, 3, 5, 0, 0, 5, 3, 3])
+    g = torch.Generator().manual_seed(0)
+    rand = partition_rows(step_index, "random", 4, g)
+    assert len(rand) == partition_count(step_index, "random", 4) == 3
+    assert sorted(torch.cat(rand).tolist()) == list(range(9))
+    entries = partition_rows(step_index, "by_entry", 4, g)
+    assert [sorted(set(step_index[p].tolist())) for p in entries] == [[0], [3], [5]]  # one step each, in order
+    assert [len(p) for p in entries] == [3, 4, 2]
+    padded = partition_rows(step_index, "by_entry", 4, g, num_parts=5)  # another rank has 5 entries
+    assert len(padded) == 5 and sorted(torch.cat(padded).tolist()) == list(range(9))
+    assert all(len(set(step_index[p].tolist())) == 1 for p in padded)
+    assert len(partition_rows(step_index, "random", 4, g, num_parts=4)) == 4
+    with pytest.raises(ValueError, match="below"):
+        partition_rows(step_index, "by_entry", 4, g, num_parts=2)
+
+
+@pytest.mark.parametrize("mode,kl_beta,epochs", [("rollout", 0.0, 1), ("recompute", 0.0, 2), ("decoupled", 0.1, 2)])
+def test_compute_accounting_counts_learner_and_recompute_rows(toy_policy, mode, kl_beta, epochs):
+    strategy, cond, r, adv = _batch(toy_policy, "egrpo")
+    rows = len(r.step_index)
+    opt = torch.optim.SGD([p for p in toy_policy.parameters() if p.requires_grad], lr=1e-3)
+    stats = grpo_update(toy_policy, cond, r, adv, strategy.kernel, _settings(mode, kl_beta, epochs=epochs), opt,
+                        torch.Generator().manual_seed(0), ref_fn=toy_policy.reference_copy() if kl_beta else None)
+    assert stats.learner_rows == rows * epochs
+    assert stats.recompute_rows == (0 if mode == "rollout" else rows) + (rows * epochs if kl_beta else 0)
+    assert stats.logprob_mismatch < 1e-4

@@ -1,8 +1,13 @@
-"""The run's Prometheus metrics scraped by a real Prometheus, and every Grafana panel's query answered."""
+"""Monitoring: the run's metrics go through Ray's metrics agent; a real Prometheus finds a live run's embedded
+cluster through the targets file the driver writes, and every Grafana panel's query answers.
+
+The live run sets RAY_metrics_report_interval_ms=1000 (Ray's default is 10 s) so that the run's figures reach
+Prometheus within its few seconds of training."""
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -10,15 +15,27 @@ from pathlib import Path
 
 import pytest
 
+from egrpo_ray.config import ConfigError, load_config
 from egrpo_ray.distributed.cluster import free_port
-from egrpo_ray.monitoring import RunMetrics
+from egrpo_ray.monitoring import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS = shutil.which("prometheus")
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None and not os.environ.get("EGRPO_REQUIRE_PROMETHEUS"),
-    reason="Debian's prometheus package is not installed (.ci/run installs it)",
-)
+DASHBOARD = ROOT / "deploy" / "grafana" / "egrpo-dashboard.json"
+PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+REQUIRED = bool(os.environ.get("EGRPO_REQUIRE_PROMETHEUS"))
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None and not REQUIRED,
+                                      reason="Debian's prometheus package is not installed (.ci/run installs it)")
+# Ray exports GPU figures only on nodes with GPUs
+SKIPPED_METRICS = ("ray_node_gpus_", "ray_node_gram_") if shutil.which("nvidia-smi") is None else ()
+RUN = "monitoring-e2e"
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _queries(dashboard: dict) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -26,52 +43,96 @@ def _get(url: str, timeout: float = 5.0) -> str:
         return r.read().decode()
 
 
-def test_exporter_serves_on_loopback_only():
-    m = RunMetrics("unit")
-    server = m.serve(0)
-    try:
-        m.update({"step": 3, "reward_mean": 0.5, "dropped_stale": 2})
-        m.update({"event": "heldout", "heldout_reward": 0.7})
-        text = _get(f"http://127.0.0.1:{server.server_port}/metrics")
-        assert 'egrpo_reward_mean{run="unit"} 0.5' in text and 'egrpo_dropped_stale_total{run="unit"} 2.0' in text
-        assert 'egrpo_heldout_reward{run="unit"} 0.7' in text
-        assert server.server_address[0] == "127.0.0.1"
-    finally:
-        server.shutdown()
+def test_dashboard_imports_as_is_every_panel_on_the_datasource_variable():
+    dashboard = _dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["run"]["datasource"]["uid"] == "${datasource}"
+    assert "__inputs" not in dashboard and "${DS_" not in DASHBOARD.read_text()  # nothing an import must resolve
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for p in panels:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["targets"] and all(t.get("datasource", p["datasource"]) == p["datasource"] for t in p["targets"])
+    queries = " ".join(_queries(dashboard))
+    # every metric the run exports has a panel, and so do Ray's node figures
+    for name, spec in METRICS.items():
+        exported = f"ray_{name}" + {"counter": "_total", "histogram": "_"}.get(spec.kind, "")
+        assert exported in queries, f"no panel shows {name}"
+    for ray_metric in ("ray_node_cpu_utilization", "ray_node_mem_used", "ray_object_store_memory",
+                       "ray_node_gpus_utilization"):
+        assert ray_metric in queries
+
+
+def test_removed_metrics_port_is_refused_in_one_line():
+    for key in ("logging.metrics_port=9464", "logging.metrics_host=0.0.0.0"):
+        with pytest.raises(ConfigError, match=r"^logging: metrics_(port|host) was removed: .*Ray's metrics agent"):
+            load_config(None, [key])
+
+
+@pytest.mark.skipif(PROMTOOL is None and not REQUIRED, reason="promtool (Debian's prometheus package) not installed")
+def test_shipped_prometheus_config_is_valid():
+    out = subprocess.run([PROMTOOL, "check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _answered(prom_port: int, queries: list[str]) -> set[str]:
+    answered = set()
+    for q in queries:
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={urllib.parse.quote(q.replace('$__rate_interval', '30s'))}"
+        try:
+            if json.loads(_get(url))["data"]["result"]:
+                answered.add(q)
+        except OSError:
+            pass
+    return answered
 
 
 @needs_prometheus
-def test_prometheus_scrapes_the_run_and_every_dashboard_query_answers(tmp_path):
+def test_prometheus_scrapes_a_live_run_and_every_panel_query_answers(tmp_path):
     assert PROMETHEUS, "prometheus binary required"
-    m = RunMetrics("e2e")
-    exporter = m.serve(0)
+    targets = tmp_path / "targets"
+    targets.mkdir()
     prom_port = free_port()
     (tmp_path / "prom.yml").write_text(
-        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: egrpo\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{exporter.server_port}']}}]\n")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prom.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: ray\n"
+        f"    file_sd_configs: [{{files: ['{targets}/*.json'], refresh_interval: 1s}}]\n")
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prom.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "run"
+    overrides = ["learner.iterations=5", "logging.grid_every=1000", "prompts.heldout_count=2", "sampling.steps=8",
+                 "algorithm.group_size=4", f"cluster.run_name={RUN}", f"logging.prometheus_targets_dir={targets}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_metrics_report_interval_ms": "1000"}
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: nothing reads the run's output while it runs
+        run = subprocess.Popen([sys.executable, "-m", "egrpo_ray.cli", "train", "--output-dir", str(out),
+                                "--no-progress", *[a for o in overrides for a in ("--set", o)]],
+                               cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    queries = list(dict.fromkeys(q.replace("$run", RUN) for q in _queries(_dashboard())
+                                 if not any(g in q for g in SKIPPED_METRICS)))
+    answered: set[str] = set()
     try:
-        records = [{"step": s, "policy_version": s, "reward_mean": 0.5 + 0.01 * s, "reward_std": 0.1, "zero_std_ratio": 0.0,
-                    "ratio_mean": 1.0, "clip_fraction": 0.0, "kl": 0.0, "grad_norm": 0.3, "staleness_mean": 0.5,
-                    "queue_depth": 2, "queue_wait_s": 0.1, "weight_publish_s": 0.01, "images_per_s": 40.0, "dropped_stale": s}
-                   for s in range(1, 4)]
-        dashboard = json.loads((ROOT / "deploy" / "grafana" / "egrpo-dashboard.json").read_text())
-        queries = [t["expr"].replace("$run", ".*") for p in dashboard["panels"] for t in p["targets"]]
-        m.update({"event": "heldout", "heldout_reward": 0.6})
-        deadline, missing = time.time() + 60, queries
-        step = 0
-        while time.time() < deadline and missing:
-            m.update(records[min(step, 2)])
-            step += 1
-            time.sleep(1.0)
-            try:
-                missing = [q for q in queries if not json.loads(_get(
-                    f"http://127.0.0.1:{prom_port}/api/v1/query?query={urllib.parse.quote(q)}"))["data"]["result"]]
-            except OSError:
-                continue
-        assert not missing, f"panel queries without data: {missing}"
+        saw_targets = False
+        while run.poll() is None and len(answered) < len(queries):
+            time.sleep(2.0)
+            saw_targets = saw_targets or (targets / f"{RUN}.json").exists()
+            # Ray's node gauges come every 5 s and age out after 2 report intervals: count each query once answered
+            answered |= _answered(prom_port, [q for q in queries if q not in answered])
+        if run.poll() is None:  # everything answered: stop the run (SIGTERM = `ray job stop`)
+            run.terminate()
+        run.wait(timeout=120)
+        log = log_path.read_text()
+        assert saw_targets, f"the run never wrote its Prometheus targets:\n{log[-3000:]}"
+        missing = [q for q in queries if q not in answered]
+        assert not missing, f"panel queries without data: {missing}\n{log[-3000:]}"
+        assert run.returncode in (0, 143), log[-3000:]
+        assert f"{RUN}.json" in log and "prometheus_targets.json" in log  # the driver says where the targets are
+        assert not (targets / f"{RUN}.json").exists() and not (out / "prometheus_targets.json").exists()
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        exporter.shutdown()
+        if run.poll() is None:
+            run.kill()
+            run.wait(30)
+        prom.terminate()
+        prom.wait(timeout=10)

@@ -15,7 +15,7 @@ BASE = [
     "rollout.num_cpus=0.25", "rewards.0.num_cpus=0.25", "prompts.heldout_count=8",
     "learner.prompts_per_step=4", "rollout.prompts_per_batch=2", "algorithm.group_size=8",
     "learner.checkpoint_every=3", "logging.grid_every=3", "learner.max_staleness=0",
-    "algorithm.old_logprob=recompute",
+    "algorithm.old_logprob=recompute", "prompts.tiny_train_kinds=[single]",  # where 6 steps move the probe
 ]
 
 

@@ -160,3 +160,137 @@ def test_jpeg_orders_flat_above_noise():
     assert r[0] > r[1] > r[2] and torch.all(r < 0)
     assert torch.equal(r, jpeg(torch.cat([flat, shape, noise]), ["", "", ""]))
     assert build_reward(RewardConfig(name="jpeg")).name == "jpeg"
+
+
+# --- compositional prompts (tasks/scenes.py) -------------------------------------------------------
+from egrpo_ray.tasks import scenes  # noqa: E402
+
+
+def _flip_relation(s):
+    return scenes.RelationSpec(s.colour_a, s.shape_a, {0: 1, 1: 0, 2: 3, 3: 2}[s.relation], s.colour_b, s.shape_b)
+
+
+def test_scene_grammar_round_trip_and_vocab():
+    every = [s for k in ("single", "relation", "count") for s in scenes.scenes(k)]
+    assert len(every) == 162 + 1080 + 36
+    for s in every:
+        assert scenes.parse_scene(s.prompt) == s
+        assert scenes.parse_scene(s.prompt.upper() + ".") == s
+    words = [shapes.tokenize(s.prompt) for s in every]
+    assert all(w in shapes.VOCAB for ws in words for w in ws)
+    assert max(map(len, words)) == 8  # the text encoder's max_len: nothing is truncated
+    assert scenes.parse_scene("two green triangles") == scenes.CountSpec(2, 1, 2)
+    assert scenes.parse_scene("a red circle left of a blue square") == scenes.RelationSpec(0, 0, 0, 2, 1)
+    for bad in ["a red circle left of a red square", "a red circle near a blue square", "two green", "two green triangle",
+                "two three red circles", "a red left of circle a blue square"]:
+        with pytest.raises(ValueError):
+            scenes.parse_scene(bad)
+
+
+def test_scene_layouts_sampled_and_valid():
+    spec = scenes.RelationSpec(0, 0, 2, 2, 1)  # a red circle above a blue square
+    g = torch.Generator().manual_seed(0)
+    drawn = {tuple(o.position for o in scenes.sample_objects(spec, g)) for _ in range(200)}
+    assert len(drawn) > 15 and all(a // 3 < b // 3 for a, b in drawn)  # many layouts, A always in a higher row
+    assert torch.equal(scenes.render_scene(spec), scenes.render_scene(spec.prompt))  # no generator: fixed layout
+    img = scenes.render_scene("three cyan squares", g)
+    assert img.shape == (3, 32, 32) and img.max() <= 1 and img[0].abs().sum() == 0
+    assert abs(img[1].sum() - 3 * shapes.render(shapes.ShapeSpec(5, 1, 4))[1].sum()) < 1e-3  # three whole squares
+
+
+def test_scene_splits():
+    for kind in ("single", "relation", "count"):
+        held, val, train = (set(scenes.scenes(kind, s)) for s in ("heldout", "validation", "train"))
+        assert held and val and train and not (held & val) and not (held & train) and not (val & train)
+        assert held | val | train == set(scenes.scenes(kind))
+        assert not any(scenes.in_pretraining(s) for s in held)
+        assert all(scenes.in_pretraining(s) for s in train)
+    from egrpo_ray.tiny_pretrain import pretraining_scenes
+
+    seen = {s for pool in pretraining_scenes().values() for s in pool}
+    assert not seen & {s for k in ("single", "relation", "count") for s in scenes.scenes(k, "heldout")}
+    # held-out relations recombine parts seen in pre-training: each object and each relation word
+    rel_seen = [s for s in seen if isinstance(s, scenes.RelationSpec)]
+    for h in scenes.scenes("relation", "heldout"):
+        assert any((s.colour_a, s.shape_a, s.relation) == (h.colour_a, h.shape_a, h.relation) for s in rel_seen)
+        assert any((s.colour_b, s.shape_b, s.relation) == (h.colour_b, h.shape_b, h.relation) for s in rel_seen)
+
+
+def test_prompt_sets_for_rl():
+    from egrpo_ray.config import PromptsConfig
+    from egrpo_ray.prompts import prompt_splits, validation_prompts
+
+    cfg = PromptsConfig(heldout_count=18)
+    train, held = prompt_splits(cfg)
+    val = validation_prompts(cfg)
+    assert len(held) == 18 and len(val) == cfg.validation_count
+    assert not set(train) & set(held) and not set(val) & set(held) and not set(val) & set(train)
+    kinds = {scenes.kind_of(scenes.parse_scene(p)) for p in held}
+    assert kinds == {"single", "relation", "count"}  # a prefix of the interleaved list keeps the mixture
+    assert {scenes.kind_of(scenes.parse_scene(p)) for p in train} == {"relation", "count"}
+    assert len({p.split(" ")[1] for p in held}) > 3  # shuffled: not all "a red ..."
+    assert prompt_splits(cfg) == (train, held) and validation_prompts(cfg) == val  # deterministic
+    single = PromptsConfig(tiny_train_kinds=["single"], tiny_heldout_kinds=["single"], heldout_count=18)
+    assert sorted(prompt_splits(single)[1]) == sorted(shapes.heldout_prompts())
+
+
+@pytest.fixture(scope="module")
+def compositional_gt():
+    g = torch.Generator().manual_seed(3)
+    rel = scenes.scenes("relation")[::7]
+    cnt = scenes.scenes("count")
+    return rel, scenes.render_scenes(rel, g), cnt, scenes.render_scenes(cnt, g)
+
+
+def test_compositional_ground_truth_scores_near_one(reward, compositional_gt):
+    rel, rel_img, cnt, cnt_img = compositional_gt
+    for items, img in ((rel, rel_img), (cnt, cnt_img)):
+        prompts = [s.prompt for s in items]
+        r = reward(img, prompts)
+        assert r.mean() > 0.97 and r.min() > 0.9
+        noisy = (img + 0.05 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+        assert reward(noisy, prompts).mean() > 0.85
+    mixed = [rel[0].prompt, shapes.heldout_prompts()[0], cnt[0].prompt]
+    imgs = torch.stack([rel_img[0], shapes.render(mixed[1]), cnt_img[0]])
+    terms = reward.terms(imgs, mixed)
+    assert terms["reward"].min() > 0.95 and set(terms) >= {*TERMS, "relation", "count", "presence", "reward"}
+
+
+def test_compositional_mistakes_score_low(reward, compositional_gt):
+    rel, rel_img, cnt, cnt_img = compositional_gt
+    wrong_rel = reward.terms(rel_img, [_flip_relation(s).prompt for s in rel])
+    assert wrong_rel["reward"].mean() < 0.25 and wrong_rel["relation"].max() < 0.05
+    only_a = torch.stack([scenes.render_objects(scenes.objects(s, scenes.layouts(s)[0])[:1]) for s in rel])
+    assert reward(only_a, [s.prompt for s in rel]).max() < 0.05  # object B missing
+    wrong_shape_b = [scenes.RelationSpec(s.colour_a, s.shape_a, s.relation, s.colour_b, (s.shape_b + 1) % 3).prompt for s in rel]
+    partial = reward(rel_img, wrong_shape_b).mean()
+    assert 0.3 < partial < 0.75  # one of two objects wrong: partial credit
+    wrong_count = reward.terms(cnt_img, [scenes.CountSpec(5 - s.number, s.colour, s.shape).prompt for s in cnt])
+    assert wrong_count["reward"].mean() < 0.35 and wrong_count["count"].max() < 0.2
+    wrong_colour = [scenes.CountSpec(s.number, (s.colour + 1) % 6, s.shape).prompt for s in cnt]
+    assert reward(cnt_img, wrong_colour).max() < 0.05
+    # the relation term is graded: side by side (same column) is between right and reversed
+    spec = scenes.RelationSpec(0, 0, 2, 2, 1)  # a red circle above a blue square
+    side = scenes.render_objects([shapes.ShapeSpec(0, 0, 3), shapes.ShapeSpec(2, 1, 5)]).unsqueeze(0)
+    rel_term = reward.terms(side, [spec.prompt])["relation"].item()
+    assert 0.05 < rel_term < 0.5
+
+
+# --- the independent image-quality check (egrpo_ray/quality.py) -------------------------------------
+def test_image_quality_sees_faint_noise():
+    from egrpo_ray.quality import image_quality, image_quality_per_image
+
+    g = torch.Generator().manual_seed(0)
+    clean = scenes.render_scenes(scenes.prompts("heldout")[:16], g)
+    q = image_quality(clean)
+    assert set(q) == {"background_noise", "background_level", "background_laplacian", "high_freq_share"}
+    assert q["background_noise"] == 0 and q["background_laplacian"] == 0 and q["background_level"] == 0
+    faint = (clean + 0.06 * torch.rand(clean.shape, generator=g)).clamp(0, 1)  # below the reward's 0.2 ramp
+    qf = image_quality(faint)
+    assert qf["background_noise"] > 0.1 and qf["background_laplacian"] > 0.01 and qf["high_freq_share"] > q["high_freq_share"]
+    prompts = scenes.prompts("heldout")[:16]
+    assert (AlignmentReward()(faint, prompts) - AlignmentReward()(clean, prompts)).abs().mean() < 0.05  # the reward barely sees it
+    per = image_quality_per_image(torch.cat([clean[:2], faint[:2]]))
+    assert per["background_noise"].shape == (4,) and per["background_noise"][2:].min() > per["background_noise"][:2].max()
+    with pytest.raises(ValueError):
+        image_quality(torch.zeros(2, 1, 32, 32))

@@ -1,8 +1,13 @@
-"""Group-relative advantages (docs/algorithm.md section 5).
+"""Group-relative advantages (docs/algorithm.md sections 5 and 8).
 
-A_k = (R_k - mean(R)) / (std(R) + eps) within each group, clipped to +-clip. std is the population
-std (numpy's default, as Flow-GRPO). A group whose rewards have no spread carries no signal: it is
-flagged so the loss skips it, and counted (the zero-std ratio).
+A_k = (R_k - mean(R)) / (std(R) + eps) within each group, clipped to +-clip. Where the sources differ
+the caller picks (the strategy resolves its own source's default):
+- std: "unbiased" (torch.std, divides by n - 1: DanceGRPO, G2RPO, MixGRPO, the E-GRPO code) or
+  "population" (numpy's default, divides by n: Flow-GRPO);
+- clip order in "advantage" mode: "after_sum" clamps the weighted sum of the per-reward z-scores (every
+  source clamps in the loss, after the sum), "each_reward" clamps each z-score before the sum.
+A group whose rewards have no spread carries no signal: it is flagged so the loss skips it, and
+counted (the zero-std ratio).
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Literal, Mapping
 import torch
 
 ZERO_STD = 1e-6  # below this spread a group is treated as constant
+StdKind = Literal["population", "unbiased"]
+ClipOrder = Literal["each_reward", "after_sum"]
 
 
 @dataclass
@@ -25,23 +32,34 @@ class Advantages:
         return self.zero_std_count / max(1, len(self.valid_group))
 
 
-def _group_stats(rewards: torch.Tensor, group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_stats(rewards: torch.Tensor, group: torch.Tensor, num_groups: int, std: StdKind) -> tuple[torch.Tensor, torch.Tensor]:
+    if std not in ("population", "unbiased"):
+        raise ValueError(f"advantage std must be 'population' or 'unbiased', got {std!r}")
     ones = torch.ones_like(rewards)
     count = torch.zeros(num_groups, dtype=rewards.dtype).index_add_(0, group, ones)
     mean = torch.zeros(num_groups, dtype=rewards.dtype).index_add_(0, group, rewards) / count
-    var = torch.zeros(num_groups, dtype=rewards.dtype).index_add_(0, group, (rewards - mean[group]) ** 2) / count
-    return mean, var.sqrt()
+    sq = torch.zeros(num_groups, dtype=rewards.dtype).index_add_(0, group, (rewards - mean[group]) ** 2)
+    dof = (count - 1).clamp(min=1) if std == "unbiased" else count  # a 1-sample group has zero spread either way
+    return mean, (sq / dof).sqrt()
 
 
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-8, clip: float = 5.0) -> Advantages:
-    """Per-group z-scores of one reward [N] for samples with group ids [N] (0..num_groups-1)."""
+def _zscores(rewards: torch.Tensor, group: torch.Tensor, eps: float, std: StdKind) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unclipped per-group z-scores [N] (float64) and the groups with spread."""
     rewards = rewards.double()
-    num_groups = int(group.max()) + 1
-    mean, std = _group_stats(rewards, group, num_groups)
-    valid = std > ZERO_STD
-    adv = ((rewards - mean[group]) / (std[group] + eps)).clamp(-clip, clip)
-    adv = torch.where(valid[group], adv, torch.zeros_like(adv)).float()
+    mean, sd = _group_stats(rewards, group, int(group.max()) + 1, std)
+    return (rewards - mean[group]) / (sd[group] + eps), sd > ZERO_STD
+
+
+def _finish(z: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, clip: float) -> Advantages:
+    adv = torch.where(valid[group], z.clamp(-clip, clip), torch.zeros_like(z)).float()
     return Advantages(adv, valid, int((~valid).sum()))
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-8, clip: float = 5.0,
+                     std: StdKind = "population") -> Advantages:
+    """Per-group z-scores of one reward [N] for samples with group ids [N] (0..num_groups-1)."""
+    z, valid = _zscores(rewards, group, eps, std)
+    return _finish(z, valid, group, clip)
 
 
 def combine_rewards(
@@ -51,14 +69,23 @@ def combine_rewards(
     mode: Literal["reward", "advantage"] = "reward",
     eps: float = 1e-8,
     clip: float = 5.0,
+    std: StdKind = "population",
+    clip_order: ClipOrder = "each_reward",
 ) -> Advantages:
     """Multi-reward advantages. "reward": weight-sum the rewards, then normalise in the group.
-    "advantage": normalise each reward in the group, then weight-sum (a group counts as zero-std only
-    when every reward is constant in it)."""
+    "advantage": normalise each reward in the group, then weight-sum, clipping each z-score before the
+    sum or only the sum (``clip_order``); a group counts as zero-std only when every reward is constant
+    in it."""
     if mode == "reward":
         total = sum(weights[k] * rewards[k].double() for k in rewards)
-        return group_advantages(total, group, eps, clip)
-    per = {k: group_advantages(r, group, eps, clip) for k, r in rewards.items()}
-    values = sum(weights[k] * a.values for k, a in per.items())
-    valid = torch.stack([a.valid_group for a in per.values()]).any(0)
-    return Advantages(values.float(), valid, int((~valid).sum()))
+        return group_advantages(total, group, eps, clip, std)
+    if clip_order not in ("each_reward", "after_sum"):
+        raise ValueError(f"advantage clip order must be 'each_reward' or 'after_sum', got {clip_order!r}")
+    per = {k: _zscores(r, group, eps, std) for k, r in rewards.items()}
+    # a constant reward contributes 0 in its group (its numerator is 0 there anyway)
+    parts = {k: torch.where(valid[group], z, torch.zeros_like(z)) for k, (z, valid) in per.items()}
+    if clip_order == "each_reward":
+        parts = {k: z.clamp(-clip, clip) for k, z in parts.items()}
+    total = sum(weights[k] * z for k, z in parts.items())
+    valid = torch.stack([v for _, v in per.values()]).any(0)
+    return _finish(total, valid, group, float("inf") if clip_order == "each_reward" else clip)

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import torch
 
 from egrpo_ray.algo.sde import flow_sigma
+from egrpo_ray.algo.solvers import SuffixSetting, suffix_forwards
 
 SQRT_2PI_E = math.sqrt(2 * math.pi * math.e)
 
@@ -90,13 +91,14 @@ def build_plan(
     return MergePlan(steps, tuple(entries))
 
 
-def rollout_forwards(plan: MergePlan, group_size: int) -> int:
+def rollout_forwards(plan: MergePlan, group_size: int, suffix: SuffixSetting | None = None) -> int:
     """Image-step forwards per prompt of the branching sampler (algo/sampler.py).
 
     The anchor runs to the last entry start; its velocity at each entry start is the shared merged
-    step's (same input, same sigma), then every branch finishes by ODE: (last_start + 1) + G * sum(T - i - l).
+    step's (same input, same sigma), then every branch finishes by ODE: (last_start + 1) + G * sum(T - i - l)
+    with the full Euler suffix; ``suffix`` (solver, steps) replaces each T - i - l by that suffix's forwards.
     """
-    return plan.last_start + 1 + group_size * sum(plan.steps - i - l for i, l in plan.entries)
+    return plan.last_start + 1 + group_size * sum(suffix_forwards(plan.steps - i - l, suffix) for i, l in plan.entries)
 
 
 def paper_forwards(plan: MergePlan, group_size: int) -> int:

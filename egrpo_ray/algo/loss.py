@@ -42,6 +42,7 @@ class LossOutput:
     clip_fraction: float
     kl: float
     rows_used: int
+    log_probs: torch.Tensor  # [R, B] the learner's, detached
 
 
 def grpo_loss(
@@ -54,16 +55,21 @@ def grpo_loss(
     old_log_probs: Optional[torch.Tensor] = None,
     kl_beta: float = 0.0,
     ref_fn: Optional[VelocityFn] = None,
+    behaviour_weight: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """Per row: mean_k max(-A_k r_k, -A_k clip(r_k, 1-eps, 1+eps)); averaged over rows whose group has
-    reward spread. ``advantages`` are indexed by the batch's sample ids. ``old_log_probs`` [R, B]
-    replaces the sampler's (the learner's recompute); ``kl_beta`` > 0 adds Flow-GRPO's KL to ``ref_fn``."""
+    """Per row: mean_k w_k max(-A_k r_k, -A_k clip(r_k, 1-eps, 1+eps)); averaged over rows whose group
+    has reward spread. ``advantages`` are indexed by the batch's sample ids. ``old_log_probs`` [R, B]
+    replaces the sampler's (the learner's recompute: the proximal policy); ``behaviour_weight`` [R, B]
+    is decoupled PPO's w_k (else 1); ``kl_beta`` > 0 adds Flow-GRPO's KL to the reference ``ref_fn``."""
     scores = score_rows(fn, cond, batch, kernel)
     old = batch.old_log_probs if old_log_probs is None else old_log_probs
     ratio = torch.exp(scores.log_probs - old)
     adv = advantages.values[batch.row_samples].to(ratio.device)
     clipped_ratio = ratio.clamp(1 - clip_range, 1 + clip_range)
-    per_row = torch.maximum(-adv * ratio, -adv * clipped_ratio).mean(1)
+    per_sample = torch.maximum(-adv * ratio, -adv * clipped_ratio)
+    if behaviour_weight is not None:
+        per_sample = per_sample * behaviour_weight.to(per_sample.device)
+    per_row = per_sample.mean(1)
     valid = advantages.valid_group[batch.sample_group[batch.row_samples[:, 0]]].float().to(ratio.device)
     rows = valid.sum().clamp_min(1.0)
     loss = (per_row * valid).sum() / rows
@@ -73,11 +79,18 @@ def grpo_loss(
             raise ValueError("kl_beta > 0 needs a reference model")
         with torch.no_grad():
             ref = score_rows(ref_fn, cond, batch, kernel)
-        kl = ((scores.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * scores.std**2)
-        kl_value = float((kl * valid).sum() / rows)
+        kl = kl_to_reference(scores, ref, kernel.reduction)
+        kl_value = float((kl * valid).sum().detach() / rows)
         loss = loss + kl_beta * (kl * valid).sum() / rows
     with torch.no_grad():
         vmask = valid[:, None].expand_as(ratio).bool()
         ratio_mean = float(ratio[vmask].mean()) if vmask.any() else 1.0
         clip_frac = float(((ratio - clipped_ratio).abs() > 0)[vmask].float().mean()) if vmask.any() else 0.0
-    return LossOutput(loss, ratio_mean, clip_frac, kl_value, int(valid.sum()))
+    return LossOutput(loss, ratio_mean, clip_frac, kl_value, int(valid.sum()), scores.log_probs.detach())
+
+
+def kl_to_reference(scores: RowScores, ref: RowScores, reduction: str = "mean") -> torch.Tensor:
+    """Per row KL(pi_theta || pi_ref) of the two Gaussian steps (same std): ||mean - mean_ref||^2 / (2 std^2),
+    reduced over the latent like the log-probs (Flow-GRPO's code takes the mean)."""
+    sq = ((scores.mean - ref.mean) ** 2).flatten(1)
+    return (sq.mean(1) if reduction == "mean" else sq.sum(1)) / (2 * scores.std**2)

@@ -3,8 +3,8 @@
 ``branching_rollout`` is E-GRPO's (docs/algorithm.md section 4): one initial noise per prompt, a
 deterministic ODE anchor, and per plan entry (i, l) G branches that share ONE merged SDE transition
 from the anchor latent at i, then finish by ODE. ``trajectory_rollout`` serves the baselines
-(DanceGRPO, Flow-GRPO, MixGRPO): G full trajectories per prompt from a shared initial noise, SDE on
-a set of steps, ODE elsewhere.
+(DanceGRPO, Flow-GRPO, MixGRPO): G full trajectories per prompt (from one shared initial noise or
+one per sample), SDE on a set of steps, ODE elsewhere.
 
 Both return a ``Rollout``: the transitions the learner must re-score, as rows. A row is one model
 forward (a start latent, a step, a prompt) and the B next-latents that branched from it: B = G for
@@ -19,6 +19,7 @@ import torch
 
 from egrpo_ray.algo.entropy import MergePlan
 from egrpo_ray.algo.sde import SdeKind, flow_sigma, ode_step, sde_step
+from egrpo_ray.algo.solvers import FULL_SUFFIX, SuffixSetting, solve, sub_schedule
 # The sampler's calling contract, which every policy adapter (models/) implements.
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors; index_cond slices every entry alike
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]  # (latents, sigma, cond) -> velocity
@@ -121,8 +122,10 @@ class _BatchedVelocity:
         return torch.cat(outs)
 
 
-def initial_noise(num_prompts: int, latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-    return torch.randn((num_prompts, *latent_shape), generator=generator, dtype=torch.float32)
+def initial_noise(num_prompts: int, latent_shape: Sequence[int], generator: torch.Generator, per_prompt: int = 1) -> torch.Tensor:
+    """[num_prompts * per_prompt, *latent] standard normal, prompt-major: one noise per prompt (a group
+    that shares it) or one per sample (per_prompt = G)."""
+    return torch.randn((num_prompts * per_prompt, *latent_shape), generator=generator, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -137,18 +140,19 @@ def sample_ode(fn: VelocityFn, cond: Conditioning, noise: torch.Tensor, sigmas: 
     return x
 
 
-def _finish_by_ode(velocity: _BatchedVelocity, kernel: StepKernel, x: torch.Tensor, k: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
-    """Run every latent from its own schedule index k to the end, batching all latents with steps left
-    (mixed timesteps in one batch cost no more than uniform ones)."""
-    x, k = x.clone(), k.clone()
-    while True:
-        active = (k < kernel.steps).nonzero().squeeze(1)
-        if len(active) == 0:
-            return x
-        ka = k[active]
-        s, s_next = kernel.s(ka), kernel.s(ka + 1)
-        x[active] = ode_step(x[active], velocity(x[active], s, prompt_idx[active]), s, s_next)
-        k[active] += 1
+def _finish_by_ode(velocity: _BatchedVelocity, kernel: StepKernel, x: torch.Tensor, k: torch.Tensor, prompt_idx: torch.Tensor,
+                   suffix: SuffixSetting | None = None) -> torch.Tensor:
+    """Run every latent from its own schedule index k to s = 0 with the suffix's solver on its sub-schedule
+    (algo/solvers.py), batching all latents with steps left (mixed timesteps in one batch cost no more
+    than uniform ones)."""
+    suffix = suffix or FULL_SUFFIX
+    starts = k.tolist()
+    points = {e: sub_schedule(e, kernel.steps, suffix.steps) for e in set(starts)}
+    grids = torch.zeros(len(starts), max(map(len, points.values())), dtype=kernel.sigmas.dtype)  # padded per row
+    for m, e in enumerate(starts):
+        grids[m, : len(points[e])] = kernel.sigmas[points[e]]
+    lengths = torch.tensor([len(points[e]) for e in starts])
+    return solve(velocity, x, grids, lengths, prompt_idx, suffix.solver)
 
 
 @torch.no_grad()
@@ -162,10 +166,12 @@ def branching_rollout(
     group_size: int,
     generator: torch.Generator,
     max_batch: int | None = None,
+    suffix: SuffixSetting | None = None,
 ) -> Rollout:
     """E-GRPO's branching rollout for P prompts (noise [P, *latent], one per prompt).
 
     Groups are (prompt, entry) pairs, numbered prompt-major; rows are the same pairs, one per group.
+    ``suffix`` (solver, steps) only changes how branches finish (step 3): the rows the learner sees do not.
     """
     num_prompts, num_entries, g = len(noise), len(plan.entries), group_size
     velocity = _BatchedVelocity(fn, cond, max_batch)
@@ -205,7 +211,7 @@ def branching_rollout(
 
     # 3. Finish all R*G branches by ODE in shared batches.
     branch_latents = next_latents_t.flatten(0, 1)
-    final = _finish_by_ode(velocity, kernel, branch_latents, step_end_t.repeat_interleave(g), row_prompt.repeat_interleave(g))
+    final = _finish_by_ode(velocity, kernel, branch_latents, step_end_t.repeat_interleave(g), row_prompt.repeat_interleave(g), suffix)
     return Rollout(
         prompts=list(prompts),
         final_latents=final,
@@ -230,40 +236,53 @@ def trajectory_rollout(
     noise: torch.Tensor,
     kernel: StepKernel,
     sde_steps: Sequence[int],
-    train_steps: Sequence[int],
+    train_steps: Sequence[int] | torch.Tensor,
     group_size: int,
     generator: torch.Generator,
     max_batch: int | None = None,
 ) -> Rollout:
-    """G trajectories per prompt from the prompt's shared noise; SDE on ``sde_steps``, ODE elsewhere.
+    """G trajectories per prompt; SDE on ``sde_steps``, ODE elsewhere.
 
-    A group is a prompt's G samples (trajectory-level credit). Rows are the (sample, step) transitions
-    at ``train_steps`` (a subset of ``sde_steps``), each with B = 1.
+    ``noise``: [P, *latent] (the group shares its prompt's noise) or [P*G, *latent] (one per sample,
+    prompt-major). A group is a prompt's G samples (trajectory-level credit). Rows are the (sample, step)
+    transitions to train, each with B = 1: ``train_steps`` is a list of steps for every sample, or a
+    bool mask [P*G, T] of each sample's own steps (DanceGRPO draws them per sample); trained steps must
+    be SDE steps. Rows are ordered [step][sample].
     """
-    num_prompts, g = len(noise), group_size
+    num_prompts, g = len(prompts), group_size
     velocity = _BatchedVelocity(fn, cond, max_batch)
     sample_prompt = torch.arange(num_prompts).repeat_interleave(g)
     n = len(sample_prompt)
-    x = noise.float().repeat_interleave(g, dim=0)
-    sde_set, train_set = set(sde_steps), set(train_steps)
-    starts, nexts, log_probs, step_index = [], [], [], []
+    if len(noise) == num_prompts:
+        x = noise.float().repeat_interleave(g, dim=0)
+    elif len(noise) == n:
+        x = noise.float().clone()
+    else:
+        raise ValueError(f"trajectory_rollout: noise has {len(noise)} rows; expected {num_prompts} (shared) or {n} (per sample)")
+    train_mask = _train_mask(train_steps, n, kernel.steps)
+    sde_set = set(sde_steps)
+    if bool(train_mask[:, [k for k in range(kernel.steps) if k not in sde_set]].any()):
+        raise ValueError("trajectory_rollout: a trained step is not an SDE step")
+    starts, nexts, log_probs, step_index, row_samples = [], [], [], [], []
     for k in range(kernel.steps):
         idx = torch.full((n,), k)
         s, s_next = kernel.s(idx), kernel.s(idx + 1)
         v = velocity(x, s, sample_prompt)
         if k in sde_set:
             out = sde_step(x, v, s, s_next, kernel.noise_level(idx), kind=kernel.kind, reduction=kernel.reduction, generator=generator)
-            if k in train_set:
-                starts.append(x)
-                nexts.append(out.sample)
-                log_probs.append(out.log_prob)
-                step_index.append(idx)
+            rows = train_mask[:, k].nonzero().squeeze(1)
+            if len(rows):
+                starts.append(x[rows.to(x.device)])
+                nexts.append(out.sample[rows.to(x.device)])
+                log_probs.append(out.log_prob[rows.to(x.device)])
+                step_index.append(idx[rows])
+                row_samples.append(rows)
             x = out.sample
         else:
             x = ode_step(x, v, s, s_next)
     if not starts:
         raise ValueError("trajectory_rollout: no trained SDE step")
-    # rows ordered [step][sample]
+    row_samples_t = torch.cat(row_samples)
     return Rollout(
         prompts=list(prompts),
         final_latents=x,
@@ -271,10 +290,21 @@ def trajectory_rollout(
         sample_group=sample_prompt.clone(),
         start_latents=torch.cat(starts),
         step_index=torch.cat(step_index),
-        step_len=torch.ones(n * len(starts), dtype=torch.long),
-        row_prompt=sample_prompt.repeat(len(starts)),
+        step_len=torch.ones(len(row_samples_t), dtype=torch.long),
+        row_prompt=sample_prompt[row_samples_t],
         next_latents=torch.cat(nexts).unsqueeze(1),
         old_log_probs=torch.cat(log_probs).unsqueeze(1),
-        row_samples=torch.arange(n).repeat(len(starts)).unsqueeze(1),
+        row_samples=row_samples_t.unsqueeze(1),
         forwards=velocity.forwards,
     )
+
+
+def _train_mask(train_steps: Sequence[int] | torch.Tensor, num_samples: int, steps: int) -> torch.Tensor:
+    """A bool mask [num_samples, steps] of the (sample, step) transitions to train."""
+    if isinstance(train_steps, torch.Tensor) and train_steps.dtype == torch.bool:
+        if tuple(train_steps.shape) != (num_samples, steps):
+            raise ValueError(f"trajectory_rollout: train mask shape {tuple(train_steps.shape)} != {(num_samples, steps)}")
+        return train_steps.cpu()
+    mask = torch.zeros(num_samples, steps, dtype=torch.bool)
+    mask[:, list(train_steps)] = True
+    return mask

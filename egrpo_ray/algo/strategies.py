@@ -4,8 +4,11 @@ A strategy decides how a prompt's samples are drawn and which transitions carry 
 - egrpo:     entropy-merged branching from the ODE anchor; groups = (prompt, entry)
 - g2rpo:     the same with tau = 0 (single-step branching, no merging)
 - flowgrpo:  SDE (Flow-GRPO form) on every step; trajectory-level groups; trains all but the last step
-- dancegrpo: DanceGRPO's constant-noise SDE on every step; trains a random fraction of the steps
-- mixgrpo:   SDE inside a window of w steps that slides one step every ``window_shift_every`` iterations
+- dancegrpo: DanceGRPO's constant-noise SDE on every step; each sample trains its own random 60% of all
+             but the last step
+- mixgrpo:   SDE inside a window of w steps that slides one step every ``window_shift_every`` iterations,
+             never reaching the last two steps
+Each follows its source where the sources differ (section 8): advantage std, clip order, shared noise.
 The learner is the same for all: rows of (start latent, step) with their branches (algo/loss.py).
 """
 from __future__ import annotations
@@ -25,12 +28,28 @@ if TYPE_CHECKING:  # the config sections are read by attribute: algo never impor
 
 
 class Strategy(ABC):
+    """Also resolves the options where the sources differ (docs/algorithm.md section 8): the config's
+    value (algorithm.adv_std, adv_clip_order, shared_noise) or, when it is None, the strategy's own
+    source's default. training.learn passes ``adv_std`` and ``adv_clip_order`` to the advantages."""
+
     name: str
+    # E-GRPO's defaults, from its authors' code (VisualGRPO, built on DanceGRPO/G2RPO): group_rewards.std()
+    # is torch's unbiased std; the advantage is clamped only in the loss, after any sum over rewards.
+    source_adv_std = "unbiased"
+    source_adv_clip_order = "after_sum"
+    source_shared_noise = True
+    noise_sharing_optional = False  # branching: the group branches off ONE anchor, so it shares the noise
 
     def __init__(self, sampling: SamplingConfig, algorithm: AlgorithmConfig):
         self.sampling, self.algorithm = sampling, algorithm
         self.group_size = algorithm.group_size
         self.kernel = StepKernel(shifted_sigmas(sampling.steps, sampling.shift), sampling.eta, "flow", algorithm.logprob_reduction)
+        self.adv_std = _resolved(algorithm, "adv_std", self.source_adv_std)
+        self.adv_clip_order = _resolved(algorithm, "adv_clip_order", self.source_adv_clip_order)
+        self.shared_noise = bool(_resolved(algorithm, "shared_noise", self.source_shared_noise))
+        if not self.shared_noise and not self.noise_sharing_optional:
+            raise ValueError(f"algorithm.shared_noise=false does not apply to {algorithm.strategy}: its group branches "
+                             "off one ODE anchor per prompt, so it always shares the initial noise")
 
     def rollout(
         self,
@@ -45,7 +64,8 @@ class Strategy(ABC):
     ) -> Rollout:
         """Sample every prompt's groups on ``device``. All randomness comes from ``generator`` (a CPU
         generator gives the same samples on any device, up to the model's numerics)."""
-        noise = initial_noise(len(prompts), latent_shape, generator).to(device or "cpu")
+        per_prompt = 1 if self.shared_noise else self.group_size
+        noise = initial_noise(len(prompts), latent_shape, generator, per_prompt).to(device or "cpu")
         return self._rollout(fn, cond, prompts, noise, generator, iteration, max_batch)
 
     @abstractmethod
@@ -54,6 +74,11 @@ class Strategy(ABC):
     @abstractmethod
     def forwards_per_prompt(self, iteration: int = 0) -> int:
         """Image-step forwards the rollout of one prompt costs."""
+
+
+def _resolved(algorithm: AlgorithmConfig, option: str, source_default):
+    value = getattr(algorithm, option, None)
+    return source_default if value is None else value
 
 
 class BranchingStrategy(Strategy):
@@ -69,10 +94,11 @@ class BranchingStrategy(Strategy):
         )
 
     def _rollout(self, fn, cond, prompts, noise, generator, iteration, max_batch) -> Rollout:
-        return branching_rollout(fn, cond, prompts, noise, self.kernel, self.plan, self.group_size, generator, max_batch)
+        return branching_rollout(fn, cond, prompts, noise, self.kernel, self.plan, self.group_size, generator, max_batch,
+                                 self.sampling.suffix)
 
     def forwards_per_prompt(self, iteration: int = 0) -> int:
-        return rollout_forwards(self.plan, self.group_size)
+        return rollout_forwards(self.plan, self.group_size, self.sampling.suffix)
 
 
 class G2RPO(BranchingStrategy):
@@ -83,18 +109,21 @@ class G2RPO(BranchingStrategy):
 
 
 class TrajectoryStrategy(Strategy):
-    """G full trajectories per prompt from shared noise; trajectory-level advantage."""
+    """G full trajectories per prompt; trajectory-level advantage."""
+
+    noise_sharing_optional = True
 
     def sde_steps(self, iteration: int) -> list[int]:
         return list(range(self.sampling.steps))
 
-    def train_steps(self, iteration: int, generator: torch.Generator) -> list[int]:
+    def train_steps(self, iteration: int, num_samples: int, generator: torch.Generator) -> list[int] | torch.Tensor:
+        """The steps every sample trains, or a bool mask [num_samples, T] of each sample's own."""
         return self.sde_steps(iteration)
 
     def _rollout(self, fn, cond, prompts, noise, generator, iteration, max_batch) -> Rollout:
+        train = self.train_steps(iteration, len(prompts) * self.group_size, generator)
         return trajectory_rollout(
-            fn, cond, prompts, noise, self.kernel, self.sde_steps(iteration), self.train_steps(iteration, generator),
-            self.group_size, generator, max_batch,
+            fn, cond, prompts, noise, self.kernel, self.sde_steps(iteration), train, self.group_size, generator, max_batch,
         )
 
     def forwards_per_prompt(self, iteration: int = 0) -> int:
@@ -102,32 +131,56 @@ class TrajectoryStrategy(Strategy):
 
 
 class FlowGRPO(TrajectoryStrategy):
-    name = "flowgrpo"
+    """Flow-GRPO: SDE on every step, trains all but the last; its ``sample.same_latent`` is off by
+    default (each sample its own initial noise) and its stat tracker normalises with np.std (population)."""
 
-    def train_steps(self, iteration: int, generator: torch.Generator) -> list[int]:
+    name = "flowgrpo"
+    source_adv_std = "population"
+    source_shared_noise = False
+
+    def train_steps(self, iteration: int, num_samples: int, generator: torch.Generator) -> list[int]:
         return list(range(self.sampling.steps - 1)) or [0]
 
 
 class DanceGRPO(TrajectoryStrategy):
+    """DanceGRPO (train_grpo_flux.py with its shipped script: --init_same_noise, --timestep_fraction 0.6):
+    its own constant-noise SDE on every step; the last step is never trained; each sample trains
+    int((T - 1) x timestep_fraction) of the other steps, drawn by its own random permutation."""
+
     name = "dancegrpo"
 
     def __init__(self, sampling: SamplingConfig, algorithm: AlgorithmConfig):
         super().__init__(sampling, algorithm)
         self.kernel = StepKernel(self.kernel.sigmas, algorithm.dance_eta, "dance", algorithm.logprob_reduction)
 
-    def train_steps(self, iteration: int, generator: torch.Generator) -> list[int]:
+    def train_steps(self, iteration: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         steps = self.sampling.steps
-        count = max(1, round(self.algorithm.timestep_fraction * steps))
-        return sorted(torch.randperm(steps, generator=generator)[:count].tolist())
+        candidates = max(1, steps - 1)  # T = 1 has no "other" step: train the only one
+        count = max(1, int(candidates * self.algorithm.timestep_fraction))
+        mask = torch.zeros(num_samples, steps, dtype=torch.bool)
+        for sample in range(num_samples):
+            mask[sample, torch.randperm(candidates, generator=generator)[:count]] = True
+        return mask
 
 
 class MixGRPO(TrajectoryStrategy):
+    """MixGRPO (progressive window, its shipped script: --roll_back, --init_same_noise): SDE and training
+    on a window of w steps starting at ``start``, which moves one step every ``window_shift_every``
+    iterations. Its max_timesteps = T - 2 bounds the window (it shrinks near the end and never covers
+    the last two steps); past the end it rolls back to step 0. (The source's start also sits at T - 2
+    for one round, an empty window that trains nothing; we roll back one round earlier.)"""
+
     name = "mixgrpo"
 
+    def __init__(self, sampling: SamplingConfig, algorithm: AlgorithmConfig):
+        super().__init__(sampling, algorithm)
+        if sampling.steps < 3:
+            raise ValueError("mixgrpo needs sampling.steps >= 3: its window never covers the last two steps")
+
     def sde_steps(self, iteration: int) -> list[int]:
-        w = self.algorithm.window_size
-        start = min(iteration // self.algorithm.window_shift_every, self.sampling.steps - w)
-        return list(range(start, start + w))
+        last = self.sampling.steps - 2  # exclusive bound: steps T-2 and T-1 stay ODE
+        start = (iteration // self.algorithm.window_shift_every) % last
+        return list(range(start, min(start + self.algorithm.window_size, last)))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

@@ -10,6 +10,8 @@ from collections import Counter, deque
 
 import ray
 
+from egrpo_ray.monitoring import QUEUE_DROP_CAUSES, RoleMetrics, record_learner_step
+
 
 @ray.remote(num_cpus=0)  # an asyncio actor: waiting gets and puts cost a coroutine each, not a thread
 class ReplayQueue:
@@ -19,9 +21,13 @@ class ReplayQueue:
     (back-pressure). Items more than ``max_staleness`` versions behind the learner are dropped and counted.
     ``close`` stops producers and wakes every waiting call. ``produced_by_worker`` is each rollout worker's
     prompt cursor (the batches it has delivered): a restarted worker, or a resumed run, continues from it.
+    Metrics (``run`` given): egrpo_queue_depth, egrpo_queue_dropped by cause (monitoring.py).
     """
 
-    def __init__(self, capacity: int, max_staleness: int, produced_by_worker: dict | None = None):
+    DROP_COUNTS = dict(zip(QUEUE_DROP_CAUSES, ("dropped_stale", "dropped_stale_on_put", "dropped_on_learner_restart")))
+
+    def __init__(self, capacity: int, max_staleness: int, produced_by_worker: dict | None = None,
+                 run: str | None = None):
         self.capacity, self.max_staleness = capacity, max_staleness
         self.items: deque = deque()
         self.learner_version = 0
@@ -30,6 +36,13 @@ class ReplayQueue:
         self.counts = Counter()
         self.produced_by_worker: Counter = Counter({int(k): int(v) for k, v in (produced_by_worker or {}).items()})
         self.changed = asyncio.Condition()
+        self.metrics = RoleMetrics(run, "queue")
+        self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        self.metrics.set("egrpo_queue_depth", len(self.items))
+        for cause, key in self.DROP_COUNTS.items():
+            self.metrics.set("egrpo_queue_dropped", self.counts[key], cause=cause)
 
     def _stale(self, item) -> bool:
         return self.learner_version - item.policy_version > self.max_staleness or item.policy_version < self.min_version
@@ -51,6 +64,7 @@ class ReplayQueue:
             if self._stale(item):
                 self.counts["dropped_stale_on_put"] += 1
                 self.produced_by_worker[item.worker] += 1
+                self._publish_metrics()
                 return "stale"
             if len(self.items) >= self.capacity:
                 self.counts["rejected_full"] += 1
@@ -58,6 +72,7 @@ class ReplayQueue:
             self.items.append(item)
             self.counts["accepted"] += 1
             self.produced_by_worker[item.worker] += 1
+            self._publish_metrics()
             self.changed.notify_all()
             return "ok"
 
@@ -73,12 +88,14 @@ class ReplayQueue:
             self.counts["dropped_on_learner_restart"] += len(self.items)
             self.items.clear()
             self.learner_version = self.min_version = version
+            self._publish_metrics()
             self.changed.notify_all()
 
     def _drop_stale(self) -> None:
         keep = deque(it for it in self.items if not self._stale(it))
         self.counts["dropped_stale"] += len(self.items) - len(keep)
         self.items = keep
+        self._publish_metrics()
 
     def _prompts(self) -> int:
         return sum(it.num_prompts for it in self.items)
@@ -97,6 +114,7 @@ class ReplayQueue:
                 out.append(self.items.popleft())
                 got += out[-1].num_prompts
             self.counts["delivered"] += len(out)
+            self._publish_metrics()
             self.changed.notify_all()  # room for waiting producers
             return out
 
@@ -107,6 +125,10 @@ class ReplayQueue:
 
     def is_closed(self) -> bool:
         return self.closed
+
+    def version(self) -> int:
+        """The learner's current policy version."""
+        return self.learner_version
 
     def produced(self, worker: int) -> int:
         """How many prompt batches ``worker`` has delivered (its prompt cursor)."""
@@ -140,17 +162,26 @@ class WeightStore:
 @ray.remote(num_cpus=0)
 class RunLog:
     """What the driver follows: per-step metrics and images from the learner, failures from anyone
-    (one line each, as they happen), and the stop flag."""
+    (one line each, as they happen), and the stop flag. With ``run`` it also exports the learner's records
+    (egrpo_learner_*) and the fault counts (egrpo_faults) as metrics: it lives as long as the run, across
+    learner restarts."""
 
-    def __init__(self):
+    FAULT_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_restarts")
+
+    def __init__(self, run: str | None = None):
         self.records: list[dict] = []
         self.images: list[tuple[int, str, object]] = []
         self.failures: list[dict] = []
         self.stop_requested = False
         self.learner_starts = 0
+        self.fault_counts = Counter({k: 0 for k in self.FAULT_KINDS})
+        self.learner_metrics, self.fault_metrics = RoleMetrics(run, "learner"), RoleMetrics(run, "driver")
+        for kind in self.FAULT_KINDS:
+            self.fault_metrics.set("egrpo_faults", 0, kind=kind)
 
     def record(self, metrics: dict) -> None:
         self.records.append(metrics)
+        record_learner_step(self.learner_metrics, metrics)
 
     def add_images(self, step: int, tag: str, images_uint8) -> None:
         self.images.append((step, tag, images_uint8))
@@ -158,6 +189,8 @@ class RunLog:
     def failure(self, kind: str, message: str) -> None:
         """``kind`` counts it (rollout_restarts, rollout_lost, reward_retries, learner_restarts)."""
         self.failures.append({"kind": kind, "message": message, "time": time.time()})
+        self.fault_counts[kind] += 1
+        self.fault_metrics.set("egrpo_faults", self.fault_counts[kind], kind=kind)
 
     def since(self, n_records: int, n_images: int, n_failures: int = 0) -> tuple[list[dict], list, list[dict]]:
         return self.records[n_records:], self.images[n_images:], self.failures[n_failures:]

@@ -112,6 +112,7 @@ def free_port() -> int:
 _EMBEDDED: dict | None = None
 TOKEN_FILE = "auth_token"  # in the run's temp dir, mode 0600
 WATCHDOG_MODULE = "egrpo_ray.distributed.cluster"
+METRIC_PORT_ENV = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")  # read by Ray's monitor and dashboard
 
 
 def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None, *, loopback: bool = True, token_auth: bool = True,
@@ -128,10 +129,14 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None, *, loopback: bo
     global _EMBEDDED
     if ray.is_initialized():
         return False
-    env = {"RAY_DEDUP_LOGS": "1"}
+    # Worker output still reaches this console (log_to_driver: real warnings and errors), Serve's INFO
+    # lines do not: they stay in the session's log files (RAY_SERVE_LOG_TO_STDERR=0, quiet_serve_logger).
+    env = {"RAY_DEDUP_LOGS": "1", "RAY_SERVE_LOG_TO_STDERR": "0"}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": f"{WATCHDOG_MODULE}.quiet_serve_logger"}
     if cfg.cluster.address:
         try:
-            ray.init(address=cfg.cluster.address, log_to_driver=True, runtime_env={"env_vars": env})
+            ray.init(address=cfg.cluster.address, log_to_driver=True, runtime_env=runtime_env)
+            quiet_serve_logger()
         except ConnectionError as err:
             raise ClusterError(f"cannot reach the Ray cluster at {cfg.cluster.address}: {err}") from None
         return False
@@ -149,7 +154,7 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None, *, loopback: bo
             dashboard_host="127.0.0.1",
             dashboard_port=free_port(),
             _temp_dir=temp_dir,
-            runtime_env={"env_vars": env},
+            runtime_env=runtime_env,
             log_to_driver=True,
             configure_logging=True,
             logging_level="WARNING",
@@ -164,7 +169,31 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None, *, loopback: bo
         raise
     _EMBEDDED = {"temp_dir": temp_dir, "own_temp": own_temp, "restore": restore,
                  "watchdog": _start_watchdog(temp_dir, own_temp) if watchdog else None}
+    quiet_serve_logger()
     return True
+
+
+class _ServeInfoToFilesOnly:
+    """A filter on the ``ray.serve`` logger: INFO records pass only in a process where Serve logs to files
+    (its controller and replicas, kept off the console by RAY_SERVE_LOG_TO_STDERR=0); elsewhere (driver,
+    rollout workers, learners) Serve's default logger writes only to stderr, and its INFO lines go."""
+
+    def filter(self, record) -> bool:
+        import logging
+
+        handlers = logging.getLogger("ray.serve").handlers
+        return record.levelno >= logging.WARNING or any(isinstance(h, logging.FileHandler) for h in handlers)
+
+
+def quiet_serve_logger() -> None:
+    """Keep Serve's routine INFO lines (started, deploying, replica added/removed, router started) off the
+    console. Runs in the driver and, as the runtime env's worker_process_setup_hook, in every worker; a
+    filter, not a level, because Serve resets the level whenever it configures its logger."""
+    import logging
+
+    logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _ServeInfoToFilesOnly) for f in logger.filters):
+        logger.addFilter(_ServeInfoToFilesOnly())
 
 
 def shutdown_ray(started: bool, *, wait_s: float = 20.0) -> None:
@@ -181,6 +210,8 @@ def shutdown_ray(started: bool, *, wait_s: float = 20.0) -> None:
         return
     procs = cluster_processes(os.getpid(), state["temp_dir"])
     try:
+        # no serve.shutdown() first: it kills the Serve controller under the driver's own pending calls and
+        # the raylet prints each as a failed task; ray.shutdown ends every process of the cluster quietly
         ray.shutdown()
     finally:
         _end_processes(procs, wait_s)
@@ -204,12 +235,19 @@ def _private_cluster_env(temp_dir: str, loopback: bool, token_auth: bool) -> dic
 
     token_auth: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN_PATH at a fresh 0600 token in the run's temp dir
     (never ~/.ray/auth_token, which Ray writes world-readable and shares between every cluster of the user).
+
+    Metrics: the node's metrics agent takes a free port (on 127.0.0.1 with ``loopback``); Ray's autoscaler and
+    dashboard export theirs on fixed defaults (44217, 44227) unless told otherwise, so a second cluster on the
+    machine would list the first one's in its Prometheus targets: free ports here, unless the caller set them.
     """
     from ray._private import ray_constants
 
-    keys = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+    keys = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN",
+            *METRIC_PORT_ENV)
     restore = {"env": {k: os.environ.get(k) for k in keys}, "enable_cluster": ray_constants.ENABLE_RAY_CLUSTER,
                "auth": token_auth}
+    for key in METRIC_PORT_ENV:
+        os.environ.setdefault(key, str(free_port()))
     if loopback:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False

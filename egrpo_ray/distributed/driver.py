@@ -22,19 +22,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
-from egrpo_ray.checkpoint import latest_checkpoint
+from egrpo_ray.checkpoint import export_final_lora, latest_checkpoint
 from egrpo_ray.config import (
     ConfigError,
     ExperimentConfig,
-    add_config_args,
     dump_config,
     load_config,
 )
-from egrpo_ray.outputs import MetricsWriter, plot_reward_curve, save_grid
+from egrpo_ray.outputs import MetricsWriter, Progress, plot_reward_curve, save_comparison, save_grid
 from egrpo_ray.preflight import preflight
+from egrpo_ray.prompts import prompt_splits
 
 # Config sections whose change alters the algorithm or the model: a resume with a different value is refused.
 GUARDED = ("seed", "model", "sampling", "algorithm", "prompts", "rewards")
@@ -179,8 +179,9 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     try:
         validate_on_cluster(cfg)
         done_batches = meta.get("prompt_batches_by_worker", {})
-        queue = ReplayQueue.remote(cfg.learner.queue_capacity, cfg.learner.max_staleness, done_batches)
-        store, log = WeightStore.remote(), RunLog.remote()
+        queue = ReplayQueue.remote(cfg.learner.queue_capacity, cfg.learner.max_staleness, done_batches,
+                                   run=cfg.cluster.run_name)
+        store, log = WeightStore.remote(), RunLog.remote(run=cfg.cluster.run_name)
         # Actors start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
             RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
@@ -220,7 +221,10 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         worker_stats = fleet.drain(120)
         summary["rollout_drain_s"] = time.perf_counter() - t_learner_done
         latest = latest_checkpoint(out)
+        # LoRA runs: the latest checkpoint's adapter as <output_dir>/lora (`egrpo-ray eval --lora <output_dir>/lora`)
+        lora = export_final_lora(latest, out) if latest and cfg.model.lora.enabled else None
         summary.update(
+            lora=str(lora) if lora else None,
             wall_seconds=time.perf_counter() - t0,
             rollout_workers=worker_stats,
             queue=ray.get(queue.stats.remote()),
@@ -267,6 +271,25 @@ class _Background:
         return self.thread.is_alive()
 
 
+def _prometheus_targets(cfg: ExperimentConfig, out: Path):
+    """The cluster's Prometheus file_sd targets, mirrored into the output dir (and logging.prometheus_targets_dir)
+    for the run's duration; prints where, once."""
+    from egrpo_ray.monitoring import RUN_TARGETS_FILE, TargetsMirror
+
+    paths = [out / RUN_TARGETS_FILE]
+    if cfg.logging.prometheus_targets_dir:
+        paths.append(Path(cfg.logging.prometheus_targets_dir).expanduser().resolve() / f"{cfg.cluster.run_name}.json")
+    targets = TargetsMirror(cfg.cluster.run_name, paths)
+    source = targets.refresh()
+    if source is None:
+        print("metrics: exported by Ray's metrics agents (this driver cannot read the cluster's Prometheus "
+              "discovery file: scrape the head node's /tmp/ray/prom_metrics_service_discovery.json)", flush=True)
+    else:
+        print(f"metrics: Prometheus file_sd targets in {', '.join(str(p) for p in paths)} (run {cfg.cluster.run_name})",
+              flush=True)
+    return targets
+
+
 def _request_stop(log, queue) -> None:
     import ray
 
@@ -278,22 +301,33 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
+GRID_MAX = 64  # held-out images shown in a grid (FLUX's held-out set has 400)
+
+
+def save_heldout_grid(out: Path, tag: str, images: torch.Tensor, prompts: list[str]) -> None:
+    """grids/heldout_<tag>.png captioned with the prompts; at "after", grids/heldout_before_after.png too."""
+    images = images[:GRID_MAX]
+    save_grid(images, out / "grids" / f"heldout_{tag}.png", captions=prompts[: len(images)])
+    if tag == "after" and (out / "grids" / "heldout_before.npy").exists():
+        before = torch.from_numpy(np.load(out / "grids" / "heldout_before.npy"))
+        save_comparison(before, images, prompts, out / "grids" / "heldout_before_after.png")
+    if tag == "before":  # kept for the side-by-side at the end, across resumes
+        np.save(out / "grids" / "heldout_before.npy", images.numpy())
+
+
 def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, fleet, learner: _Background,
             signals: StopSignals, start_step: int, progress: bool) -> dict:
-    """The driver loop: stream the learner's records into metrics.jsonl, Prometheus, the progress bar, grids
-    and the curve; print each failure as it is reported; restart dead rollout workers; turn a signal into a stop."""
+    """The driver loop: stream the learner's records into metrics.jsonl, the progress bar, grids and the curve;
+    print each failure as it is reported; restart dead rollout workers; turn a signal into a stop; keep the
+    Prometheus targets of the cluster (whose agents export the run's metrics) copied where Prometheus looks."""
     import ray
 
-    prometheus, server = None, None
-    if cfg.logging.metrics_port is not None:
-        from egrpo_ray.monitoring import RunMetrics
-
-        prometheus = RunMetrics(out.name)
-        server = prometheus.serve(cfg.logging.metrics_port, cfg.logging.metrics_host)
-        print(f"metrics: http://{cfg.logging.metrics_host}:{server.server_port}/metrics", flush=True)
+    targets = _prometheus_targets(cfg, out)
     n_rec = n_img = n_fail = 0
     first_step_at, stopping, lost_all = None, False, False
-    bar = tqdm(total=cfg.learner.iterations, initial=start_step, desc="E-GRPO", unit="step", disable=not progress)
+    # a bar on a terminal only; elsewhere the step lines below are the progress
+    bar = Progress(cfg.learner.iterations, "E-GRPO", "step", initial=start_step, enabled=progress)
+    heldout_prompts = prompt_splits(cfg.prompts)[1]
     try:
         while True:
             alive = learner.is_alive()
@@ -303,8 +337,6 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
                 history.failures[f["kind"]] += 1
                 bar.write(f"[fault] {f['message']}")
             for r in records:
-                if prometheus:
-                    prometheus.update(r)
                 if r.get("event") == "heldout":
                     history.heldout.write(r)
                     bar.write(f"[{r['tag']}] held-out reward {r['heldout_reward']:.4f}, "
@@ -312,18 +344,17 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
                     continue
                 first_step_at = first_step_at or time.perf_counter()
                 r = history.add_step(r)
-                bar.n = r["step"]
-                bar.set_postfix(reward=f"{r['reward_mean']:.3f}", ratio=f"{r['ratio_mean']:.4f}", queue=r["queue_depth"],
-                                stale=f"{r['staleness_mean']:.1f}")
-                bar.refresh()
+                bar.set(r["step"], reward=f"{r['reward_mean']:.3f}", ratio=f"{r['ratio_mean']:.4f}",
+                        queue=r["queue_depth"], stale=f"{r['staleness_mean']:.1f}")
                 if r["step"] % cfg.logging.log_every == 0:
                     bar.write(f"step {r['step']:4d}  reward {r['reward_mean']:.4f} +- {r['reward_std']:.4f}  "
                               f"zero-std {r['zero_std_ratio']:.2f}  ratio {r['ratio_mean']:.5f}  clip {r['clip_fraction']:.3f}  "
                               f"staleness {r['staleness_mean']:.2f}  queue {r['queue_depth']}  {r['images_per_s']:.1f} img/s")
             for step, tag, arr in images:
-                save_grid(torch.tensor(arr), out / "grids" / f"heldout_{tag}.png", scale=4)
+                save_heldout_grid(out, tag, torch.tensor(arr), heldout_prompts)
             if not alive:
                 break
+            targets.refresh()
             if not stopping:
                 fleet.check()
                 lost_all = fleet.all_lost()
@@ -335,8 +366,7 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
             time.sleep(0.5)
     finally:
         bar.close()
-        if server:
-            server.shutdown()
+        targets.remove()
     records = history.metrics.read()
     heldout = history.heldout_by_tag()
     if records:
@@ -364,15 +394,6 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
     if lost_all and signals.received is None:
         summary["failed"], summary["error"] = True, "every rollout worker was lost (rollout.max_restarts)"
     return summary
-
-
-def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="run E-GRPO as the Ray actor-learner service")
-    add_config_args(p)
-    p.add_argument("--output-dir", help="run directory (default: logging.output_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,4 +424,6 @@ def run(args: argparse.Namespace) -> int:
         print("faults survived: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
     print(f"metrics: {summary['metrics']}\nreward curve: {summary['reward_curve']}\ngrids: {summary['grids']}")
     print(f"checkpoint: {summary['latest_checkpoint']}\nsummary: {summary_path}")
+    if summary.get("lora"):
+        print(f"LoRA: {summary['lora']} (egrpo-ray eval --lora {summary['lora']})")
     return 0

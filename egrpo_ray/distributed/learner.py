@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from egrpo_ray.algo.strategies import build_strategy
+from egrpo_ray.algo.update import UpdateSettings, partition_count, step_seed
 from egrpo_ray.checkpoint import (
     latest_checkpoint,
     load_training_state,
@@ -33,7 +34,7 @@ from egrpo_ray.config import ExperimentConfig
 from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles
 from egrpo_ray.distributed.rollout import retrying
 from egrpo_ray.distributed.weight_sync import WeightBroadcaster
-from egrpo_ray.evaluate import heldout_images, heldout_reward
+from egrpo_ray.evaluate import heldout_images, heldout_scores
 from egrpo_ray.images import to_uint8
 from egrpo_ray.models import build_policy
 from egrpo_ray.models.diffusers_common import torch_dtype
@@ -42,12 +43,13 @@ from egrpo_ray.parallel import (
     gather_trainable,
     is_sharded,
     prepare_for_training,
+    prepare_reference,
 )
 from egrpo_ray.prompts import prompt_splits, train_probe
-from egrpo_ray.training import learn
+from egrpo_ray.training import learn, reference_model
 
-MAXED = ("grad_norm", "logprob_mismatch")  # the worst rank; "groups" and "samples" add up; the rest average
-ADDED = ("groups", "samples")
+MAXED = ("grad_norm", "logprob_mismatch")  # the worst rank; counts add up; the rest average
+ADDED = ("groups", "samples", "learner_rows", "recompute_rows")
 QUEUE_WAIT_S = 30.0  # a get waits this long for groups; a stop wakes it at once
 
 
@@ -78,9 +80,17 @@ def timed(metrics: dict, key: str):
     metrics[key] = time.perf_counter() - t0
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The learner's minibatch randomness depends only on (seed, rank, step): a resume replays it exactly."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 1) % (2**63 - 1)
+def learner_update(fn, policy, items: list, cfg: ExperimentConfig, strategy, optimizer, rank: int, step: int,
+                   version: int, ref_fn=None) -> dict[str, float]:
+    """One rank's update at ``step`` (no Ray): minibatches from ``partition_rows`` seeded by (seed, rank,
+    step), as many on every rank (the max: DDP and FSDP step together); groups sampled by ``version``
+    (the weights now) are on-policy. With one rank this is the reference loop's ``reference_update``."""
+    settings = UpdateSettings.from_config(cfg.algorithm, cfg.learner)
+    step_index = torch.cat([it.rollout.step_index for it in items])
+    num_parts = int(_collective(float(partition_count(step_index, settings.minibatch, settings.rows_per_minibatch)), "max"))
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step))
+    return learn(fn, policy, items, cfg, strategy, optimizer, generator, ref_fn, num_parts=num_parts,
+                 policy_version=version)
 
 
 class WeightPublisher:
@@ -125,9 +135,13 @@ class Learner:
         torch.set_num_threads(1)
         torch.manual_seed(cfg.seed)
 
-        self.policy = build_policy(cfg.model)
-        self.fn = prepare_for_training(self.policy, cfg.learner.parallelism, torch_dtype(cfg.model.dtype),
-                                       ray.train.torch.get_device())
+        # Eval mode, as the rollout workers sample: the learner's log-probs must be the sampler's forward.
+        self.policy = build_policy(cfg.model).eval()
+        self.reference = reference_model(self.policy, cfg)  # the KL reference: the base weights, never the checkpoint's
+        device, dtype = ray.train.torch.get_device(), torch_dtype(cfg.model.dtype)
+        if isinstance(self.reference, torch.nn.Module):  # a frozen copy (full fine-tune): placed like the policy
+            prepare_reference(self.reference, cfg.learner.parallelism, dtype, device)
+        self.fn = prepare_for_training(self.policy, cfg.learner.parallelism, dtype, device)
         self.sharded = is_sharded(self.policy)
         self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
                                            lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
@@ -217,13 +231,9 @@ class Learner:
         return items
 
     def update(self, items: list) -> dict[str, float]:
-        """One group-normalised GRPO update; the minibatch split depends only on (seed, rank, step)."""
-        cfg = self.cfg
-        generator = torch.Generator().manual_seed(step_seed(cfg.seed, self.rank, self.step))
-        rows = sum(len(it.rollout.step_index) for it in items)
-        n_parts = int(_collective(float(-(-rows // cfg.learner.minibatch_rows)), "max"))
-        parts = list(torch.tensor_split(torch.randperm(rows, generator=generator), n_parts))
-        metrics = learn(self.fn, self.policy, items, cfg, self.strategy, self.optimizer, generator, parts=parts)
+        """One group-normalised GRPO update (``learner_update``)."""
+        metrics = learner_update(self.fn, self.policy, items, self.cfg, self.strategy, self.optimizer, self.rank,
+                                 self.step, self.version, self.reference)
         metrics = _reduce_metrics(metrics, self.world)
         metrics["staleness"] = [self.version - it.policy_version for it in items]  # this rank's; rank 0 logs it
         self.step, self.version = self.step + 1, self.version + 1
@@ -257,11 +267,13 @@ class Learner:
                 heldout_images(policy, self.heldout, cfg, cfg.seed)
                 heldout_images(policy, self.probe, cfg, cfg.seed)
             return
-        value, images = heldout_reward(policy, self.heldout, self.reward_fn, cfg, cfg.seed)
-        train_value, _ = heldout_reward(policy, self.probe, self.reward_fn, cfg, cfg.seed)
-        self.log.add_images.remote(self.step, tag, to_uint8(images).numpy())
+        weights = {r.name: r.weight for r in cfg.rewards}
+        scored = heldout_scores(policy, self.heldout, self.reward_fn, cfg, cfg.seed)  # what `egrpo-ray eval` reports
+        train_value = heldout_scores(policy, self.probe, self.reward_fn, cfg, cfg.seed).weighted(weights)
+        self.log.add_images.remote(self.step, tag, to_uint8(scored.images).numpy())
         self.log.record.remote({"event": "heldout", "tag": tag, "step": self.step, "policy_version": self.version,
-                                "heldout_reward": value, "train_probe_reward": train_value})
+                                "heldout_reward": scored.weighted(weights), "train_probe_reward": train_value,
+                                **{f"quality_{k}": v for k, v in scored.quality.items()}})
 
     def checkpoint(self) -> None:
         """A collective (every rank writes its shards); rank 0 adds the data cursor and the config, then keeps

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from egrpo_ray.config import ClusterConfig, ExperimentConfig, RewardConfig, add_config_args
+from egrpo_ray.config import ClusterConfig, ExperimentConfig, RewardConfig
 from egrpo_ray.images import to_uint8
+from egrpo_ray.monitoring import RoleMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -149,10 +150,12 @@ def _json_response(body: dict, status: int, **headers):
 
 @serve.deployment
 class RewardDeployment:
-    """Wraps one Reward (rewards/) built from its RewardConfig."""
+    """Wraps one Reward (rewards/) built from its RewardConfig. Metrics (``run`` given, monitoring.py):
+    egrpo_reward_batch_images, egrpo_reward_latency_seconds, egrpo_reward_queue, tagged with the reward."""
 
     def __init__(self, reward_cfg: dict, max_batch_size: int, batch_wait_s: float, max_images: int, max_bytes: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = 120.0, max_in_flight: int = 32):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = 120.0, max_in_flight: int = 32,
+                 run: str | None = None):
         torch.set_num_threads(1)
         from egrpo_ray.rewards import build_reward
 
@@ -167,6 +170,9 @@ class RewardDeployment:
         self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="reward-decode")
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.metrics = RoleMetrics(run, "reward", reward=self.cfg.name)
+        self._waiting = 0  # score calls in this replica (event-loop state)
+        self.metrics.set("egrpo_reward_queue", 0)
 
     def _score_chunks(self, chunks: list[tuple[np.ndarray, list[str]]]) -> list[object]:
         """Worker thread: one result per chunk, scores [n] or the exception that chunk raised."""
@@ -201,15 +207,25 @@ class RewardDeployment:
     def _run_reward(self, chunks: list[tuple[np.ndarray, list[str]]]) -> np.ndarray:
         images = chunks[0][0] if len(chunks) == 1 else np.concatenate([c[0] for c in chunks])
         prompts = [p for c in chunks for p in c[1]]
+        self.metrics.observe("egrpo_reward_batch_images", len(prompts))
         with torch.no_grad():
-            return self.reward(torch.from_numpy(np.ascontiguousarray(images)), prompts).float().numpy()
+            # a copy: an array from the object store is read-only, and torch warns on a read-only one
+            return self.reward(torch.from_numpy(np.array(images, copy=True)), prompts).float().numpy()
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
     async def _score_batch(self, chunks: list[tuple[np.ndarray, list[str]]]) -> list[object]:
         return await asyncio.get_running_loop().run_in_executor(self._score_pool, self._score_chunks, chunks)
 
     async def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        result = await self._score_batch((images, list(prompts)))
+        started = time.monotonic()
+        self._waiting += 1
+        self.metrics.set("egrpo_reward_queue", self._waiting)
+        try:
+            result = await self._score_batch((images, list(prompts)))
+        finally:
+            self._waiting -= 1
+            self.metrics.set("egrpo_reward_queue", self._waiting)
+            self.metrics.observe("egrpo_reward_latency_seconds", time.monotonic() - started)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -279,7 +295,7 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
             options["num_replicas"] = r.replicas
         app = RewardDeployment.options(name=f"reward_{r.name}", **options).bind(
             r.model_dump(), r.batch_size, r.batch_wait_s, c.max_images_per_request, c.max_image_bytes,
-            c.max_image_pixels, c.reward_timeout_s, c.max_requests_in_flight,
+            c.max_image_pixels, c.reward_timeout_s, c.max_requests_in_flight, c.run_name or None,
         )
         handles[r.name] = serve.run(app, name=app_name(cfg, r.name),
                                     route_prefix=f"/rewards/{r.name}" if c.http_enabled else None)
@@ -306,12 +322,6 @@ def remote_reward_fn(handles: dict[str, object]):
         return {name: torch.tensor(np.asarray(resp.result(), dtype=np.float32)) for name, resp in pending.items()}
 
     return score
-
-
-def add_subcommand(sub) -> None:
-    p = sub.add_parser("serve-rewards", help="serve the config's reward models over HTTP (127.0.0.1 unless configured)")
-    add_config_args(p)
-    p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> int:

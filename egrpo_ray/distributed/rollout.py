@@ -28,6 +28,7 @@ from egrpo_ray.distributed import weight_sync
 from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles
 from egrpo_ray.models import build_policy
 from egrpo_ray.models.base import policy_device
+from egrpo_ray.monitoring import RoleMetrics
 from egrpo_ray.prompts import PromptCursor, prompt_splits
 from egrpo_ray.training import sample_and_score
 
@@ -89,6 +90,7 @@ class RolloutWorker:
         self.pending_version: int | None = None  # a whole sync waits in staging
         self.staging_lock = threading.Lock()
         self.runs = 0
+        self.metrics = RoleMetrics(self.cfg.cluster.run_name, "rollout", worker=str(index))
 
     def _position(self, batches_done: int) -> None:
         """Put the prompt stream after ``batches_done`` batches (a resume, a restart)."""
@@ -116,6 +118,7 @@ class RolloutWorker:
             if load():
                 self.versions_loaded.append(self.version)
                 self.sync_seconds.append(time.perf_counter() - t0)
+                self.metrics.observe("egrpo_rollout_weight_sync_seconds", self.sync_seconds[-1])
                 return self.version
             if self.version >= at_least or ray.get(self.queue.is_closed.remote()):
                 return self.version
@@ -186,9 +189,15 @@ class RolloutWorker:
             self.batches += 1
             self.images += len(item.rollout.final_latents)
             self.busy_seconds += time.perf_counter() - t0
+            self.metrics.observe("egrpo_rollout_sampler_seconds", time.perf_counter() - t0)
+            self.metrics.inc("egrpo_rollout_images", len(item.rollout.final_latents))
             status = ray.get(self.queue.put.remote(item, PUT_WAIT_S))
             while status == "full":  # back-pressure: the put waits for the learner to take some
                 status = ray.get(self.queue.put.remote(item, PUT_WAIT_S))
+            if status == "ok":
+                self.metrics.inc("egrpo_rollout_groups", item.num_prompts)
+            if self.metrics.enabled:
+                self.metrics.set("egrpo_rollout_staleness", ray.get(self.queue.version.remote()) - self.version)
             # "stale": the learner has moved on; the next batch must use newer weights
             need = self.version + 1 if status == "stale" else 0
         return self.stats()

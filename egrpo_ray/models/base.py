@@ -6,8 +6,10 @@ wrap it in DistributedDataParallel unchanged.
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +48,56 @@ class Policy(nn.Module, ABC):
             for k, v in state.items():
                 params[k].copy_(v)
 
+    def shared_with_reference(self) -> list[object]:
+        """Objects a reference copy shares instead of copying: frozen submodules (text encoders). Policies
+        holding frozen parts or caches outside their submodules (the diffusers adapters) add them."""
+        return [m for m in self.children()
+                if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+
+    def reference_copy(self) -> "Policy":
+        """A frozen copy of the current weights (eval mode, no grad) for the KL term of a full fine-tune;
+        what is frozen already is shared, not copied."""
+        memo = {id(o): o for o in self.shared_with_reference()}
+        ref = copy.deepcopy(self, memo)
+        ref.requires_grad_(False)
+        return ref.eval()
+
 
 def policy_device(policy: nn.Module) -> torch.device:
     return next(policy.parameters()).device
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` as its base model: every peft adapter layer off, then back on with the
+    trainable flags it had (peft's toggle resets them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__}: no LoRA adapter to disable")
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class AdaptersDisabled:
+    """A LoRA policy's KL reference: the same module and weights with its adapters switched off,
+    evaluated without grad (a velocity function; it holds no weights of its own)."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+        with adapters_disabled(policy):  # fail now, not at the first update, if there is no adapter
+            pass
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        with adapters_disabled(self.policy):
+            return self.policy(latents, sigma, cond)

@@ -283,6 +283,10 @@ class DiffusersPolicy(Policy):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    def shared_with_reference(self) -> list[object]:
+        # text encoders and VAE are frozen already: a KL reference copies only the transformer
+        return [*super().shared_with_reference(), *(m for m in self._frozen.values() if m is not None), self.cache]
+
     def frozen_module(self, name: str) -> nn.Module:
         return self._frozen[name]
 

@@ -157,6 +157,9 @@ class TinyPolicy(Policy):
         self.register_buffer("img_ids", image_ids(), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(self.text_encoder.max_len, 3), persistent=False)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Eval mode, as the rollout workers sample: the learner's log-prob recompute must see the same
+        # forward (LoRA dropout off). Pre-training switches to train() itself.
+        self.eval()
 
     # -- text ---------------------------------------------------------------------------------
     def freeze_text_encoder(self) -> None:
@@ -166,6 +169,9 @@ class TinyPolicy(Policy):
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def shared_with_reference(self) -> list[object]:
+        return [*super().shared_with_reference(), self._cache]
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """{"prompt_embeds": [B, L, 64], "pooled": [B, 64]}, float32, no grad, cached per prompt."""
@@ -338,4 +344,4 @@ def load_tiny_policy(cfg: ModelConfig | None = None) -> TinyPolicy:
             )
         except ValueError as err:  # peft: no module matches the targets
             raise ValueError(f"model.lora.target_modules {list(cfg.lora.target_modules)}: {_first_line(err)}") from None
-    return policy
+    return policy.eval()  # the adapter's new modules (LoRA dropout) start in train mode

@@ -27,6 +27,20 @@ clamped) and its prompt (parsed to colour, shape, position; an unparseable promp
    the reward near 0.2, so "reward went up" needs every attribute right at once, yet every term keeps
    a gradient of partial credit for RL.
 
+Compositional prompts (tasks/scenes.py) use the same pieces, with a stricter colour membership (the
+other channels must be dark relative to the asked ones, so a neighbour's anti-aliased edge does not
+count) and a reference per object at the grid cell nearest its centroid; ``position`` is 1 for them:
+- relation ("a red circle left of a blue square"): presence = presence(A) x presence(B); colour =
+  purity of A's and B's mass together; shape, size, aspect = the mean of A's and B's terms; relation =
+  sigmoid((d - 3) / 1.5), d the signed gap in px (32 px scale) between the mass centroids along the
+  relation's axis (a true layout has d >= 10.7: ~1; side by side: ~0.1; reversed: ~0).
+- count ("two green triangles"): objects are the connected components of the colour's mass; count =
+  exp(-(found - asked)^2 / 0.5) with found = components of >= 30 % of one object's mass; shape, size,
+  aspect = the mean over the asked number of largest components (a missing one scores 0); presence
+  against asked x one object's mass.
+The reward is presence x prod(floor + (1 - floor) term) over colour, shape, size, aspect and relation
+or count. ``terms`` reports ``relation`` and ``count`` for every prompt (1 where not asked).
+
 Reference statistics are kept per resolution in a small LRU (``TARGET_CACHE_SIZES`` resolutions, 162 x 7
 floats each). At the task's own 32x32 they come from the task's renders, bit for bit as always; at any
 other resolution they are computed without rendering a canvas: the statistics do not depend on the
@@ -51,9 +65,11 @@ import torch
 from egrpo_ray.config import RewardConfig
 from egrpo_ray.images import to_float
 from egrpo_ray.rewards.base import Reward
-from egrpo_ray.tasks import shapes
+from egrpo_ray.tasks import scenes, shapes
 
 TERMS = ("colour", "position", "shape", "size", "aspect")
+# Terms of the compositional prompts (1 where a prompt does not ask for them; ``position`` is 1 for them).
+SCENE_TERMS = ("relation", "count")
 _EPS = 1e-6
 # Pixel masks go through a linear ramp: below RAMP_LO counts as background (robust to faint noise),
 # above RAMP_HI as fully on (robust to a slightly dim object); anti-aliased edges fall in between.
@@ -63,13 +79,18 @@ _BAND_SAMPLES = 1 << 21  # sub-samples per band when computing reference statist
 _CHUNK_PIXELS = 1 << 22  # images scored at once are split to at most this many pixels (B * H * W)
 
 
-def _membership(images: torch.Tensor, colours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target-colour mask, brightness mask), each [B,H,W] in [0, 1], after the soft threshold ramp."""
+def _membership(images: torch.Tensor, colours: torch.Tensor, relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target-colour mask, brightness mask), each [B,H,W] in [0, 1], after the soft threshold ramp.
+
+    ``relative`` (scenes with several colours): the other channels must be dark relative to the asked
+    ones, so that the dim anti-aliased edge of a neighbour whose colour contains the asked one (a
+    yellow square's edge for red) is not counted as the asked colour."""
     x = images.clamp(0, 1)
     B = x.shape[0]
     c = colours.float().view(B, 3, 1, 1) > 0.5
     on = torch.where(c, x, torch.ones_like(x)).amin(dim=1)  # the asked channels: the dimmest of them
-    off = torch.where(c, torch.ones_like(x), 1 - x).prod(dim=1)  # the other channels must be dark
+    dark = x / on.clamp_min(_EPS).unsqueeze(1) if relative else x
+    off = torch.where(c, torch.ones_like(x), 1 - dark.clamp(0, 1)).prod(dim=1)  # the other channels must be dark
     m = on * off
     bright = x.amax(dim=1)
     return _ramp(m), _ramp(bright)
@@ -79,9 +100,13 @@ def _ramp(v: torch.Tensor) -> torch.Tensor:
     return ((v - RAMP_LO) / (RAMP_HI - RAMP_LO)).clamp(0, 1)
 
 
-def _stats(images: torch.Tensor, colours: torch.Tensor) -> dict[str, torch.Tensor]:
+def _stats(images: torch.Tensor, colours: torch.Tensor, relative: bool = False) -> dict[str, torch.Tensor]:
     """Mass statistics of the target colour. images [B,3,H,W], colours [B,3] in {0,1}."""
-    m, bright = _membership(images, colours)
+    return _mass_stats(*_membership(images, colours, relative))
+
+
+def _mass_stats(m: torch.Tensor, bright: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of a mass map m [B,H,W] (``bright``: the brightness mask, summed for purity)."""
     B, H, W = m.shape
     mass = m.sum(dim=(1, 2))
     safe = mass.clamp_min(_EPS)
@@ -107,6 +132,34 @@ def _stats(images: torch.Tensor, colours: torch.Tensor) -> dict[str, torch.Tenso
         "fill": fill,
         "skew": skew_y,
     }
+
+
+def _components(m: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Connected components (8-neighbour) of m > threshold, grown by one pixel into the object's
+    anti-aliased fringe (m > 0): labels [B,H,W] long, 0 = background, else 1 + a flat pixel index."""
+    B, H, W = m.shape
+    fg = m > threshold
+    ids = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, H, W).expand(B, H, W)
+    labels = torch.where(fg, ids, torch.zeros_like(ids))
+    for _ in range(H * W):  # propagate the largest id through each component (converges in its diameter)
+        grown = torch.nn.functional.max_pool2d(labels.unsqueeze(1), 3, 1, 1).squeeze(1)
+        grown = torch.where(fg, grown, torch.zeros_like(grown))
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    fringe = torch.nn.functional.max_pool2d(labels.unsqueeze(1), 3, 1, 1).squeeze(1)
+    labels = torch.where(~fg & (m > 0), fringe, labels)
+    return labels.long()
+
+
+def _nearest_reference(table: dict[str, torch.Tensor], colours: Sequence[int], kinds: Sequence[int],
+                       st: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """Reference statistics of each object's (colour, shape) at the grid cell nearest its centroid."""
+    centre = (torch.arange(3, dtype=torch.float32) + 0.5) * size / 3
+    col = (st["cx"].view(-1, 1) - centre).abs().argmin(dim=1)
+    row = (st["cy"].view(-1, 1) - centre).abs().argmin(dim=1)
+    idx = (torch.tensor(colours) * 3 + torch.tensor(kinds)) * 9 + row * 3 + col
+    return {k: v[idx] for k, v in table.items()}
 
 
 def _window_stats(spec: shapes.ShapeSpec, size: int) -> dict[str, float]:
@@ -260,13 +313,13 @@ class AlignmentReward(Reward):
                 self._targets.popitem(last=False)
             return table
 
-    def validate_inputs(self, image_shape: Sequence[int], prompts: Sequence[str]) -> list[shapes.ShapeSpec]:
+    def validate_inputs(self, image_shape: Sequence[int], prompts: Sequence[str]) -> list[scenes.Scene]:
         """Raises ValueError for a shape this reward cannot score or an unparseable prompt; returns the specs."""
         super().validate_inputs(image_shape, prompts)
         shape = tuple(image_shape)
         if shape[2] != shape[3]:
             raise ValueError(f"the shapes task renders square images, got {shape[3]}x{shape[2]}")
-        return [shapes.parse_prompt(p) for p in prompts]
+        return [scenes.parse_scene(p) for p in prompts]
 
     def terms(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Every term [B] (float32, CPU) plus ``presence`` and the combined ``reward``."""
@@ -277,30 +330,104 @@ class AlignmentReward(Reward):
             parts = [self.terms(images[i : i + step], prompts[i : i + step]) for i in range(0, B, step)]
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         images = to_float(images.detach().cpu())
+        table = self._target_table(images.shape[2])
+        out = {k: torch.ones(B) for k in (*TERMS, *SCENE_TERMS)}
+        out["presence"], out["reward"] = torch.zeros(B), torch.zeros(B)
+        scorers = {"single": self._single_terms, "relation": self._relation_terms, "count": self._count_terms}
+        for kind, score in scorers.items():
+            rows = [i for i, s in enumerate(specs) if scenes.kind_of(s) == kind]
+            if rows:
+                part = score(images[rows], [specs[i] for i in rows], table)
+                for k, v in part.items():
+                    out[k][rows] = v.float()
+        return out
+
+    def _combine(self, presence: torch.Tensor, mass: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """reward = presence x prod(floor + (1 - floor) term); without mass every term reports 0."""
+        has_mass = mass > _EPS
+        out = {k: torch.where(has_mass, v, torch.zeros_like(v)) for k, v in terms.items()}
+        reward = presence.clone()
+        for v in out.values():
+            reward = reward * (self.floor + (1 - self.floor) * v)
+        out["presence"] = presence
+        out["reward"] = reward.clamp(0, 1)
+        return out
+
+    def _object_terms(self, st: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Shape, size and aspect of one object's mass against its reference's."""
+        size = torch.exp(-torch.log(st["mass"].clamp_min(_EPS) / tgt["mass"]) ** 2 / (2 * self.size_log_sd**2))
+        aspect = torch.exp(-((st["log_aspect"] - tgt["log_aspect"]) ** 2) / (2 * self.aspect_log_sd**2))
+        shape = torch.exp(
+            -0.5 * (((st["fill"] - tgt["fill"]) / self.fill_sd) ** 2 + ((st["skew"] - tgt["skew"]) / self.skew_sd) ** 2)
+        )
+        return {"shape": shape, "size": size, "aspect": aspect}
+
+    def _single_terms(self, images: torch.Tensor, specs: Sequence[shapes.ShapeSpec], table) -> dict[str, torch.Tensor]:
         idx = torch.tensor([s.index for s in specs], dtype=torch.long)
         cols = torch.tensor([shapes.COLOURS[s.colour_name] for s in specs])
         st = _stats(images, cols)
-        tgt = {k: v[idx] for k, v in self._target_table(images.shape[2]).items()}
+        tgt = {k: v[idx] for k, v in table.items()}
         mass = st["mass"]
         presence = (mass / (self.presence_frac * tgt["mass"])).clamp(0, 1)
         colour = (mass / st["bright"].clamp_min(_EPS)).clamp(0, 1)
         d2 = (st["cx"] - tgt["cx"]) ** 2 + (st["cy"] - tgt["cy"]) ** 2
         position = torch.exp(-d2 / (2 * self.position_px**2))
-        size = torch.exp(-torch.log(mass.clamp_min(_EPS) / tgt["mass"]) ** 2 / (2 * self.size_log_sd**2))
-        aspect = torch.exp(-((st["log_aspect"] - tgt["log_aspect"]) ** 2) / (2 * self.aspect_log_sd**2))
-        shape = torch.exp(
-            -0.5 * (((st["fill"] - tgt["fill"]) / self.fill_sd) ** 2 + ((st["skew"] - tgt["skew"]) / self.skew_sd) ** 2)
-        )
-        out = {"colour": colour, "position": position, "shape": shape, "size": size, "aspect": aspect}
-        # Without mass the geometry is undefined: the presence gate zeroes the reward, report terms as 0.
-        has_mass = mass > _EPS
-        out = {k: torch.where(has_mass, v, torch.zeros_like(v)) for k, v in out.items()}
-        reward = presence.clone()
-        for k in TERMS:
-            reward = reward * (self.floor + (1 - self.floor) * out[k])
-        out["presence"] = presence
-        out["reward"] = reward.clamp(0, 1)
-        return {k: v.float() for k, v in out.items()}
+        terms = {"colour": colour, "position": position, **self._object_terms(st, tgt)}
+        return self._combine(presence, mass, terms)
+
+    def _relation_terms(self, images: torch.Tensor, specs: Sequence[scenes.RelationSpec], table) -> dict[str, torch.Tensor]:
+        """Both objects by colour; shape, size and aspect averaged over the two; the relation between
+        their mass centroids: sigmoid((d - 3 px) / 1.5 px) of the signed gap d along the relation's axis
+        (at 32 px scale; one grid cell is 10.7 px, so a true layout scores ~1, side by side ~0.1)."""
+        size = images.shape[2]
+        objs = []
+        for which in ("a", "b"):
+            cols = torch.tensor([shapes.COLOURS[shapes.COLOUR_NAMES[getattr(s, f"colour_{which}")]] for s in specs])
+            st = _stats(images, cols, relative=True)
+            ref = _nearest_reference(table, [getattr(s, f"colour_{which}") for s in specs], [getattr(s, f"shape_{which}") for s in specs], st, size)
+            objs.append((st, ref))
+        (sa, ra), (sb, rb) = objs
+        presence = (sa["mass"] / (self.presence_frac * ra["mass"])).clamp(0, 1) * (sb["mass"] / (self.presence_frac * rb["mass"])).clamp(0, 1)
+        colour = ((sa["mass"] + sb["mass"]) / sa["bright"].clamp_min(_EPS)).clamp(0, 1)
+        rel = torch.tensor([s.relation for s in specs])
+        gap = torch.stack([sb["cx"] - sa["cx"], sa["cx"] - sb["cx"], sb["cy"] - sa["cy"], sa["cy"] - sb["cy"]], dim=1)
+        gap = gap.gather(1, rel.view(-1, 1)).squeeze(1) * shapes.IMAGE_SIZE / size
+        relation = torch.sigmoid((gap - 3.0) / 1.5)
+        ta, tb = self._object_terms(sa, ra), self._object_terms(sb, rb)
+        terms = {k: (ta[k] + tb[k]) / 2 for k in ta}
+        terms.update(colour=colour, position=torch.ones_like(colour), relation=relation, count=torch.ones_like(colour))
+        return self._combine(presence, torch.minimum(sa["mass"], sb["mass"]), terms)
+
+    def _count_terms(self, images: torch.Tensor, specs: Sequence[scenes.CountSpec], table) -> dict[str, torch.Tensor]:
+        """Objects = connected components of the colour's mass; count: exp(-(found - asked)^2 / 0.5),
+        found counting components of at least 30 % of one object's mass; shape, size and aspect are
+        averaged over the asked number of largest components (a missing one scores 0)."""
+        B, _, size, _ = images.shape
+        cols = torch.tensor([shapes.COLOURS[shapes.COLOUR_NAMES[s.colour]] for s in specs])
+        m, bright = _membership(images, cols, relative=True)
+        labels = _components(m)
+        comp_mass = torch.zeros(B, labels[0].numel() + 1).scatter_add_(1, labels.flatten(1), m.flatten(1))[:, 1:]
+        one = table["mass"][torch.tensor([(s.colour * 3 + s.shape) * 9 + 4 for s in specs])]  # one object (centre cell)
+        asked = torch.tensor([s.number for s in specs], dtype=torch.float32)
+        found = (comp_mass >= 0.3 * one.view(-1, 1)).sum(1).float()
+        count = torch.exp(-((found - asked) ** 2) / (2 * 0.5**2))
+        most = max(s.number for s in specs)
+        top_mass, top_id = comp_mass.topk(most, dim=1)  # labels are 1 + flat index
+        per_obj = {k: torch.zeros(B) for k in ("shape", "size", "aspect")}
+        for j in range(most):
+            mj = m * (labels == (top_id[:, j] + 1).view(B, 1, 1))
+            st = _mass_stats(mj, bright)
+            ref = _nearest_reference(table, [s.colour for s in specs], [s.shape for s in specs], st, size)
+            terms_j = self._object_terms(st, ref)
+            use = (asked > j) & (top_mass[:, j] > _EPS)
+            for k in per_obj:
+                per_obj[k] += torch.where(use, terms_j[k], torch.zeros(B))
+        terms = {k: v / asked for k, v in per_obj.items()}
+        mass = m.sum(dim=(1, 2))
+        presence = (mass / (self.presence_frac * asked * one)).clamp(0, 1)
+        colour = (mass / bright.sum(dim=(1, 2)).clamp_min(_EPS)).clamp(0, 1)
+        terms.update(colour=colour, position=torch.ones(B), relation=torch.ones(B), count=count)
+        return self._combine(presence, mass, terms)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.terms(images, prompts)["reward"]

@@ -34,7 +34,7 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
-DATA_VERSION = "shapes-v1"
+DATA_VERSION = "shapes-v2"  # v2: compositional prompts (tasks/scenes.py) in the mixture
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4
 
@@ -60,8 +60,10 @@ TRIANGLE_BASE = 9.0
 TRIANGLE_HEIGHT = 9.0
 
 # Every word the grammar can produce (the tiny text encoder's vocabulary, after its PAD and UNK ids).
-VOCAB: tuple[str, ...] = ("a", "at", "the", *COLOUR_NAMES, *SHAPES, "top", "bottom", "left", "right", "center")
-MAX_PROMPT_WORDS = 7  # "a red circle at the top left"
+# The last eight words are the compositional prompts' (tasks/scenes.py): relations and counts.
+VOCAB: tuple[str, ...] = ("a", "at", "the", *COLOUR_NAMES, *SHAPES, "top", "bottom", "left", "right", "center",
+                          "of", "above", "below", "two", "three", *(s + "s" for s in SHAPES))
+MAX_PROMPT_WORDS = 7  # "a red circle at the top left" (a relation prompt has up to 8)
 
 
 @dataclass(frozen=True, order=True)

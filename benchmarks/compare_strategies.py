@@ -1,0 +1,328 @@
+"""Every strategy at equal compute on the tiny task: the evidence behind docs/benchmarks.md.
+
+Compute is counted by the code in forward-equivalents (FE): rollout forwards (what the sampler ran) +
+3 x learner rows that ran a forward and backward + no-grad learner forwards (the old-log-prob recompute
+and reference-model forwards). Every run trains until it has spent ``--budget`` FE.
+
+Phases (one command runs them in order, skipping runs whose result file exists, so it resumes):
+1. sweep:  each strategy at each learning rate of ``--lrs`` (``--sweep-seeds`` seeds), scored on the
+           validation prompts (carved from the training prompts, never trained on, never the held-out ones);
+           each strategy keeps the lr with the best mean validation change.
+2. final:  each strategy at its own lr, ``--seeds`` seeds, scored on the held-out prompts at 4 points of the
+           budget (curves), each score averaged over ``--draws`` noise draws per prompt; plus the image-quality
+           check that is not part of the reward.
+3. extras: the step-subset ablation (E-GRPO merging in the first half of the steps vs all of them) and any
+           ``--suffix`` setting (issue 13: a coarse ODE suffix), at E-GRPO's lr, same seeds.
+Runs are single-threaded processes (torch.set_num_threads(1)), ``--workers`` at a time; with ``--device cuda``
+they share one GPU (the tiny model's forwards are tiny: a GPU runs many such processes at once).
+
+    python benchmarks/compare_strategies.py run --out bench --workers 2
+    python benchmarks/compare_strategies.py report --out bench --docs-dir docs/benchmarks
+
+``report`` prints (and writes to <out>/report.md) the tables: mean and 95% t-interval of the held-out change per
+strategy, paired differences against E-GRPO (paired by seed: same prompts stream and noise), quality per
+strategy, and writes the reward-vs-compute curves as PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+EVAL_SEED = 424242  # the same evaluation noise for every run: base scores agree, differences are training's
+CURVE_POINTS = (0.25, 0.5, 0.75, 1.0)
+
+# Each strategy at its own source's settings (docs/algorithm.md section 8); the lr is swept.
+STRATEGIES: dict[str, list[str]] = {
+    "egrpo": ["algorithm.strategy=egrpo"],
+    "egrpo-fixed2": ["algorithm.strategy=egrpo", "sampling.merge.mode=fixed", "sampling.merge.fixed_len=2"],
+    "egrpo-fixed4": ["algorithm.strategy=egrpo", "sampling.merge.mode=fixed", "sampling.merge.fixed_len=4"],
+    "g2rpo": ["algorithm.strategy=g2rpo"],
+    "dancegrpo": ["algorithm.strategy=dancegrpo"],
+    "flowgrpo": ["algorithm.strategy=flowgrpo"],
+    # the window must travel the schedule within a short run (the source moves it every 25 of 300 iterations)
+    "mixgrpo": ["algorithm.strategy=mixgrpo", "algorithm.window_shift_every=3"],
+}
+ABLATION = {"egrpo-all-steps": ["algorithm.strategy=egrpo", "sampling.merge.active_fraction=1.0"]}
+COMMON = ["learner.max_staleness=0", "learner.prompts_per_step=4", "rollout.prompts_per_batch=4"]
+
+
+@dataclass
+class Job:
+    phase: str  # sweep | final | extra
+    variant: str
+    overrides: list[str]
+    seed: int
+    lr: float
+    budget: float
+    draws: int
+    optimizer_steps: int  # per iteration, the same for every strategy
+    device: str = "cpu"
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}-{self.variant}-lr{self.lr:g}-s{self.seed}"
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def forward_equivalents(metrics: dict, rollout_forwards: int) -> float:
+    return rollout_forwards + 3 * metrics["learner_rows"] + metrics["recompute_rows"]
+
+
+def run_job(job: Job) -> dict:
+    """Train one (strategy, lr, seed) until the FE budget is spent; score on the phase's prompts."""
+    import torch
+
+    torch.set_num_threads(1)
+    from egrpo_ray.algo.strategies import build_strategy
+    from egrpo_ray.config import load_config
+    from egrpo_ray.evaluate import heldout_reward
+    from egrpo_ray.models import build_policy
+    from egrpo_ray.prompts import PromptCursor, benchmark_splits
+    from egrpo_ray.quality import image_quality
+    from egrpo_ray.rewards import build_reward
+    from egrpo_ray.training import learn, make_reward_fn, sample_and_score
+
+    cfg = load_config(CONFIG, COMMON + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
+    torch.manual_seed(cfg.seed)
+    policy = build_policy(cfg.model).to(job.device)
+    strategy = build_strategy(cfg.sampling, cfg.algorithm)
+    reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
+    train, validation, heldout = benchmark_splits(cfg.prompts)
+    scored = validation if job.phase == "sweep" else heldout
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+    cursor = PromptCursor(train, cfg.seed)
+    rollout_gen = torch.Generator().manual_seed(cfg.seed)
+    learner_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def evaluate() -> dict:
+        value, images = heldout_reward(policy, scored, reward_fn, cfg, EVAL_SEED, draws=job.draws)
+        return {"reward": value, **{f"quality_{k}": v for k, v in image_quality(images).items()}}
+
+    t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
+    marks = [p * job.budget for p in CURVE_POINTS]
+    train_rewards = []
+    while spent < job.budget:
+        item = sample_and_score(policy, strategy, cursor.take(cfg.learner.prompts_per_step), reward_fn, rollout_gen,
+                                iteration, policy_version=iteration)
+        if iteration == 0:  # every strategy takes the same number of optimizer steps per iteration
+            rows = len(item.rollout.step_index)
+            cfg.learner.minibatch_rows = max(1, math.ceil(rows / job.optimizer_steps))
+        metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen)
+        spent += forward_equivalents(metrics, item.rollout.forwards)
+        train_rewards.append(metrics["reward_mean"])
+        iteration += 1
+        while marks and spent >= marks[0]:
+            marks.pop(0)
+            curve.append({"fe": spent, "iteration": iteration, **evaluate()})
+    final, base = curve[-1], curve[0]
+    return {**asdict(job), "key": job.key, "iterations": iteration, "fe": spent, "minibatch_rows": cfg.learner.minibatch_rows,
+            "rows_per_iteration": rows, "base": base["reward"], "after": final["reward"],
+            "change": final["reward"] - base["reward"], "curve": curve, "train_reward_first": train_rewards[0],
+            "train_reward_last": sum(train_rewards[-3:]) / len(train_rewards[-3:]),
+            "quality_base": {k: v for k, v in base.items() if k.startswith("quality_")},
+            "quality_after": {k: v for k, v in final.items() if k.startswith("quality_")},
+            "seconds": time.perf_counter() - t0}
+
+
+def _run_and_save(args: tuple[Job, Path]) -> str:
+    job, out = args
+    path = out / "runs" / f"{job.key}.json"
+    try:
+        result = run_job(job)
+    except Exception as err:  # a failed run is reported, not fatal: the others still count
+        return f"FAILED {job.key}: {type(err).__name__}: {err}"
+    path.write_text(json.dumps(result))
+    return f"{job.key}: change {result['change']:+.4f} in {result['iterations']} it, {result['seconds']:.0f}s"
+
+
+def run_all(jobs: list[Job], out: Path, workers: int) -> list[dict]:
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not (out / "runs" / f"{j.key}.json").exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} on {workers} processes", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        for i, line in enumerate(pool.imap_unordered(_run_and_save, [(j, out) for j in todo]), 1):
+            print(f"[{i}/{len(todo)}] {line}", flush=True)
+    return [json.loads((out / "runs" / f"{j.key}.json").read_text()) for j in jobs if (out / "runs" / f"{j.key}.json").exists()]
+
+
+def best_lrs(sweep: list[dict]) -> dict[str, float]:
+    by: dict[tuple[str, float], list[float]] = {}
+    for r in sweep:
+        by.setdefault((r["variant"], r["lr"]), []).append(r["change"])
+    best: dict[str, tuple[float, float]] = {}
+    for (variant, lr), changes in by.items():
+        score = sum(changes) / len(changes)
+        if variant not in best or score > best[variant][1]:
+            best[variant] = (lr, score)
+    return {v: lr for v, (lr, _) in best.items()}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only}
+    common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device)
+    sweep = [Job("sweep", name, ov, 1000 + s, lr, **common) for name, ov in variants.items() for lr in args.lrs
+             for s in range(args.sweep_seeds)]
+    lrs = best_lrs(run_all(sweep, out, args.workers))
+    (out / "chosen_lrs.json").write_text(json.dumps(lrs, indent=2))
+    print("chosen learning rates (validation prompts):", json.dumps(lrs), flush=True)
+    extras = dict(ABLATION)
+    for setting in args.suffix:
+        solver, steps = setting.split(":")
+        extras[f"egrpo-suffix-{solver}{steps}"] = ["algorithm.strategy=egrpo", f"sampling.suffix.solver={solver}",
+                                                  f"sampling.suffix.steps={steps}"]
+    final = [Job("final", name, ov, s, lrs[name], **common) for name, ov in variants.items() if name in lrs
+             for s in range(args.seeds)]
+    if "egrpo" in lrs:
+        final += [Job("extra", name, ov, s, lrs["egrpo"], **common) for name, ov in extras.items() for s in range(args.seeds)]
+    run_all(final, out, args.workers)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+# two-sided 95% quantiles of Student's t (df 1..30); beyond, the normal's
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the 95% t-interval of the mean)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, std, t * std / math.sqrt(n)
+
+
+def load_runs(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def report(out: Path, docs_dir: Path | None) -> str:
+    runs = [r for r in load_runs(out) if r["phase"] != "sweep"]
+    sweep = [r for r in load_runs(out) if r["phase"] == "sweep"]
+    by: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by.setdefault(r["variant"], {})[r["seed"]] = r
+    lines = [f"Budget per run: {runs[0]['budget']:.0f} forward-equivalents; held-out score = mean alignment reward over "
+             f"the held-out prompts x {runs[0]['draws']} noise draws (ODE, fixed evaluation noise); base "
+             f"{runs[0]['base']:.3f}.", ""]
+    lines += ["| strategy | lr | seeds | iterations | held-out after | change (95% CI) | vs E-GRPO, paired (95% CI) | "
+              "resolved? |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ref = by.get("egrpo", {})
+    for name, seeds in by.items():
+        rs = list(seeds.values())
+        m, _, ci = mean_ci([r["change"] for r in rs])
+        after, _, _ = mean_ci([r["after"] for r in rs])
+        its = sum(r["iterations"] for r in rs) / len(rs)
+        paired, verdict = "", ""
+        if name != "egrpo" and ref:
+            diffs = [seeds[s]["change"] - ref[s]["change"] for s in seeds if s in ref]
+            dm, _, dci = mean_ci(diffs)
+            paired = f"{dm:+.3f} ± {dci:.3f}"
+            verdict = "yes" if abs(dm) > dci else "no"
+        lines.append(f"| {name} | {rs[0]['lr']:g} | {len(rs)} | {its:.0f} | {after:.3f} | {m:+.3f} ± {ci:.3f} | "
+                     f"{paired} | {verdict} |")
+    lines += ["", "Image quality after training (not part of the reward; mean over seeds; base in the first row):", ""]
+    qkeys = sorted(next(iter(runs))["quality_after"])
+    lines += ["| strategy | " + " | ".join(k.removeprefix("quality_") for k in qkeys) + " |",
+              "| --- |" + " --- |" * len(qkeys)]
+    lines.append("| base | " + " | ".join(f"{runs[0]['quality_base'][k]:.4f}" for k in qkeys) + " |")
+    for name, seeds in by.items():
+        rs = list(seeds.values())
+        lines.append(f"| {name} | " + " | ".join(f"{sum(r['quality_after'][k] for r in rs) / len(rs):.4f}" for k in qkeys) + " |")
+    if sweep:
+        lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
+        lrs = sorted({r["lr"] for r in sweep})
+        chosen = best_lrs(sweep)
+        lines += ["| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
+        for name in dict.fromkeys(r["variant"] for r in sweep):
+            cells = []
+            for lr in lrs:
+                vals = [r["change"] for r in sweep if r["variant"] == name and r["lr"] == lr]
+                cell = f"{sum(vals) / len(vals):+.3f}" if vals else "-"
+                cells.append(f"**{cell}**" if lr == chosen.get(name) else cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    if docs_dir is not None:
+        plot_curves(by, docs_dir / "reward_vs_compute.png")
+    return text
+
+
+def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, seeds in by.items():
+        rs = list(seeds.values())
+        points = len(rs[0]["curve"])
+        xs = [sum(r["curve"][i]["fe"] for r in rs) / len(rs) for i in range(points)]
+        stats = [mean_ci([r["curve"][i]["reward"] for r in rs]) for i in range(points)]
+        ys = [m for m, _, _ in stats]
+        err = [0 if math.isnan(c) else c for _, _, c in stats]
+        ax.errorbar(xs, ys, yerr=err, label=name, capsize=3, marker="o", markersize=3)
+    ax.set_xlabel("forward-equivalents (rollout forwards + 3 x learner rows + recompute forwards)")
+    ax.set_ylabel("held-out reward (mean of noise draws)")
+    ax.set_title("Held-out reward vs compute, mean and 95% CI over seeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None))
+    return 0
+
+
+def main() -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the sweep, the final runs and the extras (resumable)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--workers", type=int, default=2, help="single-threaded processes at a time")
+    r.add_argument("--budget", type=float, default=60_000, help="forward-equivalents per run")
+    r.add_argument("--seeds", type=int, default=5)
+    r.add_argument("--sweep-seeds", type=int, default=1)
+    r.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
+    r.add_argument("--draws", type=int, default=4, help="noise draws per held-out prompt")
+    r.add_argument("--optimizer-steps", type=int, default=4, help="optimizer steps per iteration, every strategy")
+    r.add_argument("--device", default="cpu", help="where each run's policy lives (cuda: processes share the GPU)")
+    r.add_argument("--only", nargs="*", help="strategies to run (default: all)")
+    r.add_argument("--suffix", nargs="*", default=[], help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
+    r.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="tables, paired differences and curves from a run's results")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--docs-dir", help="where the curve PNG goes")
+    rep.set_defaults(func=cmd_report)
+    args = p.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Each baseline against its source's own formula (docs/algorithm.md section 8), written out here
+independently of the code under test."""
+import numpy as np
+import pytest
+import torch
+
+from egrpo_ray.algo.advantages import combine_rewards, group_advantages
+from egrpo_ray.algo.strategies import build_strategy
+from egrpo_ray.config import AlgorithmConfig, SamplingConfig
+
+PROMPTS = ["a red circle", "a blue square"]
+G = 4
+
+
+def _strategy(name, steps=16, **alg):
+    return build_strategy(SamplingConfig(steps=steps, shift=3.0, eta=0.7), AlgorithmConfig(strategy=name, group_size=G, **alg))
+
+
+def _rollout(policy, strategy, seed=0, iteration=0):
+    cond = policy.encode_prompts(PROMPTS)
+    return strategy.rollout(policy, cond, PROMPTS, policy.latent_shape, torch.Generator().manual_seed(seed), iteration)
+
+
+def _steps_per_sample(r):
+    return [sorted(r.step_index[r.row_samples[:, 0] == n].tolist()) for n in range(len(r.final_latents))]
+
+
+def test_dancegrpo_trains_its_own_permutation_of_all_but_the_last_step_per_sample(toy_policy):
+    r = _rollout(toy_policy, _strategy("dancegrpo"), seed=3)
+    # train_grpo_flux.py: timesteps[:, :-1] (the last step dropped), an independent torch.randperm per
+    # sample, then the first int(len * timestep_fraction) of it: int(15 * 0.6) = 9 of 16
+    g = torch.Generator().manual_seed(3)
+    torch.randn((len(PROMPTS), *toy_policy.latent_shape), generator=g)  # the shared initial noise comes first
+    expected = [sorted(torch.randperm(16 - 1, generator=g)[: int((16 - 1) * 0.6)].tolist()) for _ in range(len(PROMPTS) * G)]
+    assert _steps_per_sample(r) == expected
+    assert all(len(s) == 9 for s in expected) and 15 not in r.step_index.tolist()
+    assert len({tuple(s) for s in expected}) > 1  # the rows of different samples sit at different steps
+    assert r.forwards == _strategy("dancegrpo").forwards_per_prompt() * len(PROMPTS)  # SDE still on all 16
+
+
+def test_dancegrpo_and_mixgrpo_share_the_initial_noise_within_the_group(toy_policy):
+    for strategy in (_strategy("dancegrpo"), _strategy("mixgrpo", window_size=4)):
+        r = _rollout(toy_policy, strategy, seed=5)
+        noise = torch.randn((len(PROMPTS), *toy_policy.latent_shape), generator=torch.Generator().manual_seed(5))
+        first = r.step_index == 0
+        assert first.any()
+        assert torch.equal(r.start_latents[first], noise[r.row_prompt[first]])
+
+
+@pytest.mark.parametrize("shared", [None, True])
+def test_flowgrpo_draws_each_samples_own_noise_unless_shared(toy_policy, shared):
+    r = _rollout(toy_policy, _strategy("flowgrpo", shared_noise=shared), seed=7)
+    first = r.step_index == 0  # Flow-GRPO trains every step but the last, so step 0 has a row per sample
+    starts = r.start_latents[first][r.row_samples[first, 0].argsort()]
+    g = torch.Generator().manual_seed(7)
+    if shared is None:  # same_latent = False: one noise per sample, drawn prompt-major
+        assert torch.equal(starts, torch.randn((len(PROMPTS) * G, *toy_policy.latent_shape), generator=g))
+        grouped = starts.view(len(PROMPTS), G, -1)
+        assert all(not torch.equal(grouped[p, 0], grouped[p, k]) for p in range(len(PROMPTS)) for k in range(1, G))
+    else:
+        noise = torch.randn((len(PROMPTS), *toy_policy.latent_shape), generator=g)
+        assert torch.equal(starts, noise.repeat_interleave(G, 0))
+    assert sorted(set(r.step_index.tolist())) == list(range(15))
+
+
+def _mixgrpo_source_windows(steps, size, iters_per_group, iterations):
+    """GRPOTrainingStates (progressive, prog_overlap_step 1, roll_back) with max_timesteps = steps - 2."""
+    max_t, cur, it_in_group, out = steps - 2, 0, 0, []
+    for _ in range(iterations):
+        out.append(list(range(cur, min(cur + size, max_t))))
+        it_in_group += 1
+        if it_in_group >= iters_per_group:
+            it_in_group, cur = 0, cur + 1
+        if cur > max_t:
+            cur, it_in_group = 0, 0
+    return out
+
+
+@pytest.mark.parametrize("steps,size", [(16, 4), (8, 3), (5, 5)])
+def test_mixgrpo_window_never_reaches_the_last_two_steps(steps, size):
+    every = 2
+    strategy = _strategy("mixgrpo", steps=steps, window_size=size, window_shift_every=every)
+    ours = [strategy.sde_steps(it) for it in range(every * steps * 3)]
+    assert all(w and max(w) < steps - 2 and len(w) <= size for w in ours)
+    # one sweep of the window is the source's, round for round
+    source = _mixgrpo_source_windows(steps, size, every, every * (steps - 1))
+    assert ours[: every * (steps - 2)] == source[: every * (steps - 2)]
+    # the source then spends a round on the empty window at max_timesteps before rolling back: we skip it
+    assert all(w == [] for w in source[every * (steps - 2):])
+    assert ours[every * (steps - 2)] == source[0]
+
+
+def test_mixgrpo_rollout_keeps_the_last_two_steps_ode(toy_policy):
+    strategy = _strategy("mixgrpo", steps=8, window_size=3, window_shift_every=1)
+    for it in range(12):
+        r = _rollout(toy_policy, strategy, iteration=it)
+        assert set(r.step_index.tolist()) == set(strategy.sde_steps(it)) and max(r.step_index.tolist()) <= 5
+
+
+def _reward_groups():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3 * G, generator=g, dtype=torch.float64), torch.arange(3).repeat_interleave(G)
+
+
+def test_unbiased_std_is_torch_std_and_population_std_is_numpy_std():
+    rewards, group = _reward_groups()
+    unbiased = group_advantages(rewards, group, std="unbiased").values
+    population = group_advantages(rewards, group, std="population").values
+    for k in range(3):
+        r = rewards[group == k]
+        dance = (r - r.mean()) / (r.std() + 1e-8)  # DanceGRPO / G2RPO: torch's default (n - 1)
+        a = r.numpy()
+        flow = (a - np.mean(a)) / (np.std(a) + 1e-8)  # Flow-GRPO's stat tracker: numpy's default (n)
+        assert torch.allclose(unbiased[group == k].double(), dance, atol=1e-6)
+        assert np.allclose(population[group == k].double().numpy(), flow, atol=1e-6)
+    assert not torch.allclose(unbiased, population)
+
+
+def test_advantage_mode_clamps_after_the_weighted_sum():
+    rewards, group = _reward_groups()
+    other = rewards.flip(0) * 3
+    w, clip = {"hps": 1.0, "clip": 0.7}, 1.2
+    after = combine_rewards({"hps": rewards, "clip": other}, w, group, "advantage", clip=clip, std="unbiased",
+                            clip_order="after_sum").values.double()
+    each = combine_rewards({"hps": rewards, "clip": other}, w, group, "advantage", clip=clip, std="unbiased",
+                           clip_order="each_reward").values.double()
+
+    def z(r):  # MixGRPO advantage_aggr / G2RPO: per-reward z-scores, weighted sum, torch.clamp in the loss
+        out = torch.empty_like(r)
+        for k in range(3):
+            x = r[group == k]
+            out[group == k] = (x - x.mean()) / (x.std() + 1e-8)
+        return out
+
+    assert torch.allclose(after, torch.clamp(1.0 * z(rewards) + 0.7 * z(other), -clip, clip), atol=1e-6)
+    assert torch.allclose(each, z(rewards).clamp(-clip, clip) + 0.7 * z(other).clamp(-clip, clip), atol=1e-6)
+    assert not torch.allclose(after, each)
+
+
+@pytest.mark.parametrize("name,std,shared", [("egrpo", "unbiased", True), ("g2rpo", "unbiased", True),
+                                             ("dancegrpo", "unbiased", True), ("mixgrpo", "unbiased", True),
+                                             ("flowgrpo", "population", False)])
+def test_each_strategy_resolves_its_sources_defaults_and_the_config_overrides_them(name, std, shared):
+    s = _strategy(name)
+    assert (s.adv_std, s.adv_clip_order, s.shared_noise) == (std, "after_sum", shared)
+    o = _strategy(name, adv_std="population" if std == "unbiased" else "unbiased", adv_clip_order="each_reward")
+    assert o.adv_std != std and o.adv_clip_order == "each_reward"
+
+
+def test_branching_cannot_drop_the_shared_anchor_noise():
+    with pytest.raises(ValueError, match="shared_noise"):
+        _strategy("egrpo", shared_noise=False)
+    assert _strategy("dancegrpo", shared_noise=False).shared_noise is False
