@@ -89,7 +89,7 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.config import load_config
     from egrpo_ray.evaluate import heldout_reward
     from egrpo_ray.models import build_policy
-    from egrpo_ray.prompts import PromptCursor, benchmark_splits
+    from egrpo_ray.prompts import PromptCursor, prompt_splits, validation_prompts
     from egrpo_ray.quality import image_quality
     from egrpo_ray.rewards import build_reward
     from egrpo_ray.training import learn, make_reward_fn, sample_and_score
@@ -99,7 +99,7 @@ def run_job(job: Job) -> dict:
     policy = build_policy(cfg.model).to(job.device)
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
     reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
-    train, validation, heldout = benchmark_splits(cfg.prompts)
+    (train, heldout), validation = prompt_splits(cfg.prompts), validation_prompts(cfg.prompts)
     scored = validation if job.phase == "sweep" else heldout
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
@@ -120,7 +120,7 @@ def run_job(job: Job) -> dict:
         if iteration == 0:  # every strategy takes the same number of optimizer steps per iteration
             rows = len(item.rollout.step_index)
             cfg.learner.minibatch_rows = max(1, math.ceil(rows / job.optimizer_steps))
-        metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen)
+        metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, policy_version=iteration)
         spent += forward_equivalents(metrics, item.rollout.forwards)
         train_rewards.append(metrics["reward_mean"])
         iteration += 1
