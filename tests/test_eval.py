@@ -62,7 +62,8 @@ def test_evaluate_writes_table_json_and_grid(flux_policy, rewards, tmp_path):
     res2 = evaluate(flux_policy, PROMPTS[:3], rewards, steps=3, shift=3.0, seed=7, batch_size=3,
                     output_dir=tmp_path / "b3")
     for a, b in zip(res["per_prompt"][:3], res2["per_prompt"]):
-        assert a["hps"] == pytest.approx(b["hps"], abs=1e-5) and a["clip"] == pytest.approx(b["clip"], abs=1e-5)
+        # batch composition changes float32 summation order in the reward models: agreement to 1e-4
+        assert a["hps"] == pytest.approx(b["hps"], abs=1e-4) and a["clip"] == pytest.approx(b["clip"], abs=1e-4)
 
 
 def _write_config(tmp_path, **model_extra):
