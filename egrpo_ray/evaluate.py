@@ -203,15 +203,14 @@ def evaluate(
 
 
 def eval_prompts(cfg) -> list[str]:
-    if cfg.prompts.source == "file":
-        from egrpo_ray.prompts import load_prompt_file
+    """The whole test file, or the tiny task's held-out prompts exactly as training scores them."""
+    from egrpo_ray.prompts import load_prompt_file, prompt_splits
 
+    if cfg.prompts.source == "file":
         if not cfg.prompts.test_path:
             raise ConfigError("prompts.test_path is required for eval when prompts.source is 'file'")
         return load_prompt_file(cfg.prompts.test_path)
-    from egrpo_ray.tasks.shapes import heldout_prompts
-
-    return list(heldout_prompts())
+    return prompt_splits(cfg.prompts)[1]
 
 
 def _reward_configs(cfg, names_arg: Optional[str], path_args: Sequence[str]) -> list[RewardConfig]:

@@ -145,7 +145,6 @@ INFERENCE_BYTES = {"flux": {4: 61.0, 2: 36.3}, "sd3": {4: 44.0, 2: 22.0}}
 VAE_DECODE_BYTES_PER_PIXEL = {4: 4900.0, 2: 2450.0}
 DECODE_CHUNK = 4  # images per VAE decode (FluxPolicy / SD3Policy.decode)
 PROMPT_CACHE_ITEMS = 8192  # PromptCache's bound (models/diffusers_common.py)
-EVAL_MAX_BATCH = 64  # evaluate.heldout_images
 PROBE_PROMPTS = 24  # prompts.train_probe
 
 
@@ -611,13 +610,17 @@ def learner_memory(cfg: ExperimentConfig, parts: Optional[PolicyParts] = None) -
     backward_transient = sum(role.transient.values())
     role.phases["backward"] = role.activations + backward_transient
     role.phases["optimizer step"] = role.gradients + max(step_temp, backward_transient)
-    eval_rows = min(EVAL_MAX_BATCH, cfg.prompts.heldout_count) * _rows_factor(cfg)
+    from egrpo_ray.evaluate import HELDOUT_BATCH  # held-out sampling batches (evaluate.score_heldout)
+
+    eval_rows = min(HELDOUT_BATCH, cfg.prompts.heldout_count) * _rows_factor(cfg)
     sample = inference_activation_bytes(parts.transformer, parts.image_tokens, parts.text_tokens, eval_rows, compute)
     decode = vae_decode_bytes(cfg.model.resolution, DECODE_CHUNK, compute) if parts.vae_scale else 0
     role.phases["heldout eval (rank 0)"] = (role.gradients + role.transient.get("fsdp unsharded params", 0)
                                             + role.transient.get("autocast copy", 0) + max(sample, decode))
-    if cfg.algorithm.kl_beta > 0:
-        role.notes.append("kl_beta > 0: no reference model counted (the learner passes none)")
+    if cfg.algorithm.kl_beta > 0 and not cfg.model.lora.enabled:
+        # training.reference_model: a frozen copy of the transformer (LoRA disables its adapters instead),
+        # in the compute dtype and sharded per block under FSDP (parallel.prepare_reference)
+        role.other["kl reference copy"] = sum(_nbytes(p, world, compute) if fsdp else _nbytes(p) for _, p in t_params)
     return role
 
 

@@ -178,13 +178,14 @@ def test_eval_and_training_heldout_give_the_same_number(tmp_path):
     """One scoring function: the `eval` command's evaluate() and the training loops' held-out reward agree
     exactly for the same weights; draws average independent noises (draw k = seed + k * DRAW_STRIDE)."""
     from egrpo_ray.config import load_config
-    from egrpo_ray.evaluate import DRAW_STRIDE, HELDOUT_BATCH, heldout_reward, score_heldout
+    from egrpo_ray.evaluate import DRAW_STRIDE, HELDOUT_BATCH, eval_prompts, heldout_reward, score_heldout
     from egrpo_ray.prompts import prompt_splits
     from egrpo_ray.training import make_reward_fn
 
     cfg = load_config(None, ["prompts.heldout_count=10", "sampling.steps=6"])
     policy = build_policy(cfg.model)
     _, heldout = prompt_splits(cfg.prompts)
+    assert eval_prompts(cfg) == heldout  # the eval command scores training's held-out prompts
     rewards = {r.name: build_reward(r) for r in cfg.rewards}
     reward_fn = make_reward_fn(rewards)
     value, images = heldout_reward(policy, heldout, reward_fn, cfg, cfg.seed)

@@ -133,6 +133,29 @@ def test_real_architectures_bytes_equal(gloo_group, kind, dtype, master, lora, p
     _check_equal(_experiment(model, parallelism))
 
 
+@pytest.mark.parametrize("dtype,parallelism,lora", [("float32", "ddp", False), ("bfloat16", "fsdp", False),
+                                                    ("float32", "ddp", True)])
+def test_kl_reference_bytes_equal_the_reference_copy(gloo_group, dtype, parallelism, lora):
+    """kl_beta > 0: the plan counts the frozen copy training.reference_model builds, placed as the learner
+    places it (LoRA: no copy, the adapters are switched off)."""
+    from egrpo_ray.parallel import prepare_reference
+    from egrpo_ray.training import reference_model
+
+    cfg = _experiment(ModelConfig(dtype=dtype, lora=LoraConfig(enabled=lora, rank=4, alpha=4.0)), parallelism)
+    cfg.algorithm.kl_beta = 0.04
+    policy = build_policy(cfg.model)
+    reference = reference_model(policy, cfg)
+    counted = learner_memory(cfg).other.get("kl reference copy", 0)
+    if lora:
+        assert not isinstance(reference, nn.Module) and counted == 0
+        return
+    compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    prepare_reference(reference, parallelism, compute, torch.device("cpu"))
+    shared = {id(t) for m in _policy_modules(policy) for t in m.parameters()}  # text encoders: not copied
+    copied = [t for t in reference.parameters() if id(t) not in shared]
+    assert counted == sum(_by_dtype(copied).values()) > 0
+
+
 # ---------------------------------------------------------------------------------------- (c)
 
 
