@@ -108,6 +108,33 @@ def test_lora_reference_is_the_base_model_with_adapters_off():
     assert lora and all(p.requires_grad for p in lora)  # the toggle left the adapters trainable
 
 
+def test_lora_reference_under_fsdp_is_the_base_model():
+    """LoRA + FSDP + KL (a 1-rank gloo group): switching the adapters off on the sharded module gives the
+    base model's velocity, and the sharded policy with its adapters on does not."""
+    from egrpo_ray.parallel import prepare_for_training
+
+    cfg = _cfg("model.lora.enabled=true", "model.lora.rank=4", "algorithm.kl_beta=0.1", "learner.parallelism=fsdp")
+    torch.manual_seed(0)
+    policy = build_policy(cfg.model).eval()
+    base = build_policy(cfg.model.model_copy(update={"lora": LoraConfig(enabled=False)})).eval()
+    with torch.no_grad():  # make the adapters matter (peft's B starts at zero)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    ref = reference_model(policy, cfg)  # built before sharding, as the learner does
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        fn = prepare_for_training(policy, "fsdp", torch.float32, torch.device("cpu"))
+        cond = policy.encode_prompts(PROMPTS)
+        x, s = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(2)), torch.tensor([0.7, 0.4])
+        with torch.no_grad():
+            expected = base(x, s, cond)
+            assert torch.allclose(ref(x, s, cond), expected, atol=1e-5)
+            assert not torch.allclose(fn(x, s, cond), expected, atol=1e-3)
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------- RNG in checkpoints
 
 def _free_port() -> int:
