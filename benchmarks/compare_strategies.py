@@ -190,6 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
              for s in range(args.seeds)]
     if "egrpo" in lrs:
         final += [Job("extra", name, ov, s, lrs["egrpo"], **common) for name, ov in extras.items() for s in range(args.seeds)]
+    for name, lr in args.also_lr:  # a strategy again at another lr: how much the one-seed sweep's pick matters
+        final += [Job("extra", f"{name}@{lr:g}", STRATEGIES[name], s, lr, **common) for s in range(args.seeds)]
     run_all(final, out, args.workers)
     return 0
 
@@ -299,6 +301,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def strategy_lr(text: str) -> tuple[str, float]:
+    name, _, lr = text.partition("=")
+    if name not in STRATEGIES:
+        raise argparse.ArgumentTypeError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    try:
+        return name, float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STRATEGY=LR, e.g. egrpo=1e-5") from None
+
+
 def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,6 +327,8 @@ def main() -> int:
     r.add_argument("--device", default="cpu", help="where each run's policy lives (cuda: processes share the GPU)")
     r.add_argument("--only", nargs="*", help="strategies to run (default: all)")
     r.add_argument("--suffix", nargs="*", default=[], help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
+    r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",
+                   help="extra final runs of a strategy at another lr, e.g. egrpo=1e-5 (reported as egrpo@1e-05)")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="tables, paired differences and curves from a run's results")
     rep.add_argument("--out", required=True)
