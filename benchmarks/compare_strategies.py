@@ -67,6 +67,7 @@ class Job:
     draws: int
     optimizer_steps: int  # per iteration, the same for every strategy
     device: str = "cpu"
+    settings: list[str] = field(default_factory=list)  # --set overrides, every run alike
 
     @property
     def key(self) -> str:
@@ -94,7 +95,7 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.rewards import build_reward
     from egrpo_ray.training import learn, make_reward_fn, sample_and_score
 
-    cfg = load_config(CONFIG, COMMON + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
+    cfg = load_config(CONFIG, COMMON + job.settings + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg.model).to(job.device)
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
@@ -172,10 +173,18 @@ def best_lrs(sweep: list[dict]) -> dict[str, float]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from egrpo_ray.config import ConfigError, load_config
+
+    try:  # a bad --set fails here, in one line, not in every worker
+        load_config(CONFIG, COMMON + args.settings)
+    except ConfigError as err:
+        print(f"compare_strategies: --set: {err}".splitlines()[0], file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only}
-    common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device)
+    common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
+                  settings=args.settings)
     sweep = [Job("sweep", name, ov, 1000 + s, lr, **common) for name, ov in variants.items() for lr in args.lrs
              for s in range(args.sweep_seeds)]
     lrs = best_lrs(run_all(sweep, out, args.workers))
@@ -327,6 +336,8 @@ def main() -> int:
     r.add_argument("--device", default="cpu", help="where each run's policy lives (cuda: processes share the GPU)")
     r.add_argument("--only", nargs="*", help="strategies to run (default: all)")
     r.add_argument("--suffix", nargs="*", default=[], help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
+    r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",
                    help="extra final runs of a strategy at another lr, e.g. egrpo=1e-5 (reported as egrpo@1e-05)")
     r.set_defaults(func=cmd_run)
