@@ -82,7 +82,11 @@ def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
     after_two = full_trainable_state(policy)
     if rank == 0:
         torch.save({"after_one": after_one, "after_two": after_two}, os.path.join(out, "weights.pt"))
+    dist.barrier()
     dist.destroy_process_group()
+    # About 1 exit in 10 after a sharded checkpoint aborted in C++ teardown ("terminate called without an
+    # active exception") once all the work above was done and saved: leave without running it.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
