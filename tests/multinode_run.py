@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from egrpo_ray.distributed.cluster import free_port  # noqa: E402 (after the path)
 
 FIRST_ITERATIONS, RESUME_ITERATIONS, CHECKPOINT_EVERY = 2, 3, 2
 LABELS = ("learner_node", "rollout_node", "reward_node")
@@ -59,11 +59,6 @@ OVERRIDES = [
 def log(msg: str) -> None:
     print(f"[multinode {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster(temp: str):

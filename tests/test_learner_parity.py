@@ -3,7 +3,6 @@
 weights on the same items; the learner runs the policy in the sampler's mode; a LoRA policy's KL
 reference is the same module with its adapters off; every rank's RNG state is checkpointed."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from egrpo_ray.algo.advantages import group_advantages
 from egrpo_ray.algo.loss import grpo_loss
 from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.config import LoraConfig, ModelConfig, load_config
+from egrpo_ray.distributed.cluster import free_port
 from egrpo_ray.distributed.learner import learner_update
 from egrpo_ray.models import build_policy
 from egrpo_ray.models.base import AdaptersDisabled
@@ -122,7 +122,7 @@ def test_lora_reference_under_fsdp_is_the_base_model():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     ref = reference_model(policy, cfg)  # built before sharding, as the learner does
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         fn = prepare_for_training(policy, "fsdp", torch.float32, torch.device("cpu"))
         cond = policy.encode_prompts(PROMPTS)
@@ -136,11 +136,6 @@ def test_lora_reference_under_fsdp_is_the_base_model():
 
 
 # ------------------------------------------------------------------------------- RNG in checkpoints
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rng_rank(rank: int, port: int, out: str) -> None:
@@ -160,7 +155,7 @@ def _rng_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_every_rank_restores_its_own_rng_state(tmp_path):
-    mp.start_processes(_rng_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rng_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     files = sorted(p.name for p in (tmp_path / "rng").iterdir())
     assert files == ["rank_00000.safetensors", "rank_00001.safetensors"]
     assert (tmp_path / "rng" / files[0]).read_bytes() != (tmp_path / "rng" / files[1]).read_bytes()

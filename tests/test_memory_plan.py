@@ -7,7 +7,6 @@ match the bytes autograd saves for backward on small random FLUX and SD3 transfo
 """
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from torch import nn
 
 from egrpo_ray.cli import main
 from egrpo_ray.config import LoraConfig, ModelConfig, load_config, validate
+from egrpo_ray.distributed.cluster import free_port
 from egrpo_ray.memory_plan import (ACTIVATION_BYTES, BACKWARD_WORKING_SET, GIB, learner_activation_bytes,
                                    learner_memory, plan_memory, policy_parts, saved_activation_bytes)
 from egrpo_ray.models import build_policy
@@ -30,10 +30,7 @@ FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 @pytest.fixture(scope="module")
 def gloo_group():
     """A 1-rank gloo process group in this process (FSDP2 needs one), destroyed at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

@@ -8,7 +8,6 @@ relative to the lr: mean |dw| <= 1e-4 * lr and max |dw| <= 0.1 * lr (measured on
 1.3e-5 * lr, max 0.029 * lr, 0.2 % of the weights above 1e-3 * lr; the update itself moves weights by ~lr).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
 from egrpo_ray.checkpoint import latest_checkpoint, load_export, load_training_state, read_meta, save_checkpoint
 from egrpo_ray.config import LoraConfig, ModelConfig, load_config
+from egrpo_ray.distributed.cluster import free_port
 from egrpo_ray.models import build_policy
 from egrpo_ray.parallel import full_trainable_state, prepare_for_training
 
@@ -55,11 +55,6 @@ def _optimizer(policy):
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LR, weight_decay=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _init_group(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -92,7 +87,7 @@ def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
 @pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
 def two_rank(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_two_rank_run, args=(_free_port(), str(out), request.param), nprocs=2, join=True)
+    mp.spawn(_two_rank_run, args=(free_port(), str(out), request.param), nprocs=2, join=True)
     return request.param, out, torch.load(out / "weights.pt", weights_only=True)
 
 
@@ -123,7 +118,7 @@ def test_sharded_checkpoint_from_two_ranks_resumes_on_one(two_rank, tmp_path):
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step_000001" and read_meta(ckpt)["policy_version"] == 1
     for parallelism in ("fsdp", "ddp"):  # one rank, sharded or not
-        _init_group(0, 1, _free_port())
+        _init_group(0, 1, free_port())
         try:
             torch.manual_seed(1)  # a different LoRA draw: the checkpoint must overwrite it
             policy = build_policy(_model_cfg(lora))
@@ -163,7 +158,7 @@ def test_exports_load_with_diffusers(two_rank):
 def test_fsdp_bf16_compute_with_checkpointing_matches_the_unsharded_bf16_model():
     """bf16 compute over float32 master shards runs exactly the bf16 model's forward, and its backward
     works under gradient checkpointing (the recompute must see the same input dtypes)."""
-    _init_group(0, 1, _free_port())
+    _init_group(0, 1, free_port())
     try:
         torch.manual_seed(0)
         sharded = build_policy(ModelConfig(gradient_checkpointing=True)).train()
