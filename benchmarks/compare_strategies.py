@@ -20,12 +20,14 @@ they share one GPU (the tiny model's forwards are tiny: a GPU runs many such pro
     python benchmarks/compare_strategies.py report --out bench --docs-dir docs/benchmarks
 
 ``report`` prints (and writes to <out>/report.md) the tables: mean and 95% t-interval of the held-out change per
-strategy, paired differences against E-GRPO (paired by seed: same prompts stream and noise), quality per
-strategy, and writes the reward-vs-compute curves as PNG.
+strategy (at the end and halfway), paired differences against E-GRPO (paired by seed: same prompts stream and
+noise; "resolved" only under a Bonferroni correction over the table's comparisons), the training-prompt reward,
+quality per strategy, and writes the reward-vs-compute curves as PNG.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 EVAL_SEED = 424242  # the same evaluation noise for every run: base scores agree, differences are training's
 CURVE_POINTS = (0.25, 0.5, 0.75, 1.0)
+TRAIN_PROBE = 24  # training prompts scored beside the held-out ones (prompts.train_probe)
 
 # Each strategy at its own source's settings (docs/algorithm.md section 8); the lr is swept.
 STRATEGIES: dict[str, list[str]] = {
@@ -90,7 +93,7 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.config import load_config
     from egrpo_ray.evaluate import heldout_reward
     from egrpo_ray.models import build_policy
-    from egrpo_ray.prompts import PromptCursor, prompt_splits, validation_prompts
+    from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe, validation_prompts
     from egrpo_ray.quality import image_quality
     from egrpo_ray.rewards import build_reward
     from egrpo_ray.training import learn, make_reward_fn, sample_and_score
@@ -102,6 +105,7 @@ def run_job(job: Job) -> dict:
     reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
     (train, heldout), validation = prompt_splits(cfg.prompts), validation_prompts(cfg.prompts)
     scored = validation if job.phase == "sweep" else heldout
+    probe = train_probe(train, TRAIN_PROBE)  # fixed training prompts: does the run climb its own objective?
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
     cursor = PromptCursor(train, cfg.seed)
@@ -110,7 +114,8 @@ def run_job(job: Job) -> dict:
 
     def evaluate() -> dict:
         value, images = heldout_reward(policy, scored, reward_fn, cfg, EVAL_SEED, draws=job.draws)
-        return {"reward": value, **{f"quality_{k}": v for k, v in image_quality(images).items()}}
+        train_value, _ = heldout_reward(policy, probe, reward_fn, cfg, EVAL_SEED, draws=job.draws)
+        return {"reward": value, "train_reward": train_value, **{f"quality_{k}": v for k, v in image_quality(images).items()}}
 
     t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
     marks = [p * job.budget for p in CURVE_POINTS]
@@ -131,7 +136,8 @@ def run_job(job: Job) -> dict:
     final, base = curve[-1], curve[0]
     return {**asdict(job), "key": job.key, "iterations": iteration, "fe": spent, "minibatch_rows": cfg.learner.minibatch_rows,
             "rows_per_iteration": rows, "base": base["reward"], "after": final["reward"],
-            "change": final["reward"] - base["reward"], "curve": curve, "train_reward_first": train_rewards[0],
+            "change": final["reward"] - base["reward"], "train_change": final["train_reward"] - base["train_reward"],
+            "curve": curve, "train_reward_first": train_rewards[0],
             "train_reward_last": sum(train_rewards[-3:]) / len(train_rewards[-3:]),
             "quality_base": {k: v for k, v in base.items() if k.startswith("quality_")},
             "quality_after": {k: v for k, v in final.items() if k.startswith("quality_")},
@@ -207,20 +213,58 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ report
 
-# two-sided 95% quantiles of Student's t (df 1..30); beyond, the normal's
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+def t_cdf(x: float, df: int, intervals: int = 4000) -> float:
+    """P(T <= x) for Student's t with ``df`` degrees of freedom (x >= 0): Simpson's rule on the density."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda u: math.exp(log_norm - (df + 1) / 2 * math.log1p(u * u / df))  # noqa: E731
+    h = x / intervals
+    odd = sum(density((2 * k - 1) * h) for k in range(1, intervals // 2 + 1))
+    even = sum(density(2 * k * h) for k in range(1, intervals // 2))
+    return 0.5 + h / 3 * (density(0.0) + 4 * odd + 2 * even + density(x))
 
 
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """(mean, sample std, half-width of the 95% t-interval of the mean)."""
+@functools.lru_cache(maxsize=None)
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q > 0.5) of Student's t, by bisection on ``t_cdf``."""
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < q:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the two-sided ``level`` t-interval of the mean)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return mean, float("nan"), float("nan")
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return mean, std, t * std / math.sqrt(n)
+    return mean, std, t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+
+
+def change_cells(by: dict[str, dict[int, dict]], key: str) -> list[tuple[str, str]]:
+    """Per strategy: "change ± CI | paired difference to E-GRPO ± CI | resolved?" table cells (paired by seed).
+
+    The intervals are 95% each. A difference counts as resolved only when it also holds with the table's
+    comparisons corrected together (Bonferroni: each at 1 - 0.05 / m), so that a table of m comparisons
+    does not call a noise difference resolved one time in 20 per row."""
+    ref = by.get("egrpo", {})
+    compared = [name for name in by if name != "egrpo" and ref]
+    family_level = 1 - 0.05 / max(1, len(compared))
+    rows = []
+    for name, seeds in by.items():
+        m, _, ci = mean_ci([r[key] for r in seeds.values()])
+        paired, verdict = "", ""
+        if name in compared:
+            diffs = [seeds[s][key] - ref[s][key] for s in seeds if s in ref]
+            dm, _, dci = mean_ci(diffs)
+            strict = mean_ci(diffs, family_level)[2]
+            paired, verdict = f"{dm:+.3f} ± {dci:.3f}", "yes" if abs(dm) > strict else "no"
+        rows.append((name, f"{m:+.3f} ± {ci:.3f} | {paired} | {verdict}"))
+    return rows
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -238,20 +282,21 @@ def report(out: Path, docs_dir: Path | None) -> str:
              f"{runs[0]['base']:.3f}.", ""]
     lines += ["| strategy | lr | seeds | iterations | held-out after | change (95% CI) | vs E-GRPO, paired (95% CI) | "
               "resolved? |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    ref = by.get("egrpo", {})
-    for name, seeds in by.items():
-        rs = list(seeds.values())
-        m, _, ci = mean_ci([r["change"] for r in rs])
+    for name, cells in change_cells(by, "change"):
+        rs = list(by[name].values())
         after, _, _ = mean_ci([r["after"] for r in rs])
         its = sum(r["iterations"] for r in rs) / len(rs)
-        paired, verdict = "", ""
-        if name != "egrpo" and ref:
-            diffs = [seeds[s]["change"] - ref[s]["change"] for s in seeds if s in ref]
-            dm, _, dci = mean_ci(diffs)
-            paired = f"{dm:+.3f} ± {dci:.3f}"
-            verdict = "yes" if abs(dm) > dci else "no"
-        lines.append(f"| {name} | {rs[0]['lr']:g} | {len(rs)} | {its:.0f} | {after:.3f} | {m:+.3f} ± {ci:.3f} | "
-                     f"{paired} | {verdict} |")
+        lines.append(f"| {name} | {rs[0]['lr']:g} | {len(rs)} | {its:.0f} | {after:.3f} | {cells} |")
+    for r in runs:  # speed: the held-out change halfway through the budget (curve points 0, 25, 50, 75, 100%)
+        r["half_change"] = r["curve"][len(r["curve"]) // 2]["reward"] - r["curve"][0]["reward"]
+    lines += ["", "Held-out change at half the budget (how fast each climbs):", "",
+              "| strategy | change (95% CI) | vs E-GRPO, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "half_change")]
+    if all("train_change" in r for r in runs):
+        lines += ["", f"Training-prompt reward (the run's own objective: {TRAIN_PROBE} fixed training prompts x "
+                  f"{runs[0]['draws']} draws, ODE, the same noise; base {runs[0]['curve'][0]['train_reward']:.3f}):", "",
+                  "| strategy | change (95% CI) | vs E-GRPO, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "train_change")]
     lines += ["", "Image quality after training (not part of the reward; mean over seeds; base in the first row):", ""]
     qkeys = sorted(next(iter(runs))["quality_after"])
     lines += ["| strategy | " + " | ".join(k.removeprefix("quality_") for k in qkeys) + " |",

@@ -160,6 +160,9 @@ class PromptsConfig(Strict):
     tiny_train_kinds: list[Literal["single", "relation", "count"]] = Field(default_factory=lambda: ["relation", "count"], min_length=1)
     tiny_heldout_kinds: list[Literal["single", "relation", "count"]] = Field(default_factory=lambda: ["single", "relation", "count"], min_length=1)
     validation_count: Int = Field(48, ge=1)  # validation prompts for learning-rate sweeps (never held-out ones)
+    # Train on only the first N training prompts (the tiny source keeps its kind mixture in any prefix):
+    # a small fixed set, as DDPO's 45 animals, is revisited often enough for its reward to move quickly.
+    train_count: Optional[Int] = Field(None, ge=1)
 
 
 class RolloutConfig(Strict):

@@ -117,14 +117,15 @@ def prompt_splits(cfg: PromptsConfig) -> tuple[list[str], list[str]]:
 
     The tiny source: training combinations of ``tiny_train_kinds`` and held-out combinations of
     ``tiny_heldout_kinds`` (never seen in pre-training), each interleaved by kind so that a prefix of
-    ``heldout_count`` keeps the mixture (tasks/scenes.py)."""
+    ``heldout_count`` keeps the mixture (tasks/scenes.py). ``train_count`` keeps a prefix of the training list."""
     if cfg.source == "tiny":
         from egrpo_ray.tasks import scenes
 
-        return scenes.prompts("train", cfg.tiny_train_kinds), scenes.prompts("heldout", cfg.tiny_heldout_kinds)[: cfg.heldout_count]
-    train = load_prompt_file(cfg.train_path)
-    test = load_prompt_file(cfg.test_path) if cfg.test_path else train
-    return train, test[: cfg.heldout_count]
+        train, test = scenes.prompts("train", cfg.tiny_train_kinds), scenes.prompts("heldout", cfg.tiny_heldout_kinds)
+    else:
+        train = load_prompt_file(cfg.train_path)
+        test = load_prompt_file(cfg.test_path) if cfg.test_path else train
+    return train[: cfg.train_count], test[: cfg.heldout_count]
 
 
 def validation_prompts(cfg: PromptsConfig) -> list[str]:

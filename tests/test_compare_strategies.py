@@ -1,5 +1,5 @@
-"""benchmarks/compare_strategies.py's statistics: the t-quantile table against a numeric Student-t CDF, the
-95% interval, the paired verdict in the report, the lr choice and the bad-input errors."""
+"""benchmarks/compare_strategies.py's statistics: the t-quantiles against a numeric Student-t CDF, the
+interval, the paired verdict in the report (Bonferroni-corrected), the lr choice and the bad-input errors."""
 import argparse
 import importlib.util
 import json
@@ -24,15 +24,17 @@ def _t_cdf(t: float, df: int) -> float:
     return 0.5 + float(torch.trapezoid(pdf, xs))
 
 
-@pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
-def test_t_table_is_the_975_quantile(df):
-    assert _t_cdf(cs.T975[df - 1], df) == pytest.approx(0.975, abs=2e-5)
+@pytest.mark.parametrize("q,df", [(0.975, 1), (0.975, 2), (0.975, 4), (0.975, 30), (0.99, 4), (0.9972, 4), (0.9972, 1)])
+def test_t_quantile_against_torch_student_t(q, df):
+    t = cs.t_quantile(q, df)
+    assert _t_cdf(t, df) == pytest.approx(q, abs=2e-5)
+    assert cs.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)  # the textbook table
 
 
 def test_mean_ci():
     m, sd, half = cs.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (m, sd) == (3.0, pytest.approx(math.sqrt(2.5)))
-    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-3)
     assert math.isnan(cs.mean_ci([1.0])[2])
 
 
@@ -40,7 +42,11 @@ def _run(variant, seed, change, phase="final", lr=1e-5):
     quality = {"quality_background_noise": 0.01}
     return {"phase": phase, "variant": variant, "seed": seed, "lr": lr, "budget": 100.0, "draws": 2, "base": 0.5,
             "after": 0.5 + change, "change": change, "iterations": 3, "quality_base": quality, "quality_after": quality,
-            "curve": [{"fe": 0.0, "reward": 0.5}, {"fe": 100.0, "reward": 0.5 + change}]}
+            "train_change": -change,  # the training-prompt table must read its own column
+            "curve": [{"fe": 0.0, "reward": 0.5, "train_reward": 0.3}, {"fe": 100.0, "reward": 0.5 + change}]}
+
+
+BORDERLINE = [0.01, -0.01, 0.005, -0.005, 0.0]
 
 
 def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
@@ -48,7 +54,8 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
     runs.mkdir()
     noise = [0.01, -0.02, 0.015, -0.005, 0.0]
     for s, n in enumerate(noise):
-        rows = [_run("egrpo", s, 0.1 + n), _run("better", s, 0.15 + n + 0.001 * s), _run("same", s, 0.1 + n + noise[s - 1])]
+        rows = [_run("egrpo", s, 0.1 + n), _run("better", s, 0.15 + n + 0.001 * s), _run("same", s, 0.1 + n + noise[s - 1]),
+                _run("borderline", s, 0.1 + n + 0.01 + BORDERLINE[s])]
         rows += [_run("egrpo", 1000 + s, 0.1, phase="sweep", lr=lr) for lr in (1e-5,)]
         for r in rows:
             (runs / f"{r['phase']}-{r['variant']}-{r['seed']}.json").write_text(json.dumps(r))
@@ -58,6 +65,15 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
             lines.setdefault(line.split(" | ")[0].strip("| "), line)
     assert lines["better"].rstrip(" |").endswith("yes") and "+0.052" in lines["better"]
     assert lines["same"].rstrip(" |").endswith("no")
+    # outside its own 95% interval, but not once the table's 3 comparisons are corrected together
+    diffs = [0.01 + b for b in BORDERLINE]
+    assert cs.mean_ci(diffs)[2] < 0.01 < cs.mean_ci(diffs, 1 - 0.05 / 3)[2]
+    assert lines["borderline"].rstrip(" |").endswith("no")
+    training = cs.report(tmp_path, None).split("Training-prompt reward")[1].split("Image quality")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in training.splitlines() if line.startswith("| ")}
+    assert "base 0.300" in training and rows["egrpo"].startswith("| egrpo | -0.100 ±")
+    assert "| -0.052 ±" in rows["better"] and rows["better"].rstrip(" |").endswith("yes")
+    assert rows["same"].rstrip(" |").endswith("no")
 
 
 def test_best_lr_is_the_best_mean_change():

@@ -232,6 +232,17 @@ def test_prompt_sets_for_rl():
     assert prompt_splits(cfg) == (train, held) and validation_prompts(cfg) == val  # deterministic
     single = PromptsConfig(tiny_train_kinds=["single"], tiny_heldout_kinds=["single"], heldout_count=18)
     assert sorted(prompt_splits(single)[1]) == sorted(shapes.heldout_prompts())
+    few = PromptsConfig(heldout_count=18, train_count=5)  # a small fixed training set: a prefix, held-out unchanged
+    assert prompt_splits(few) == (train[:5], held)
+
+
+def test_train_count_cuts_a_prompt_file(tmp_path):
+    from egrpo_ray.config import PromptsConfig
+    from egrpo_ray.prompts import prompt_splits
+
+    (tmp_path / "p.txt").write_text("one\ntwo\nthree\n")
+    cfg = PromptsConfig(source="file", train_path=str(tmp_path / "p.txt"), train_count=2, heldout_count=3)
+    assert prompt_splits(cfg) == (["one", "two"], ["one", "two", "three"])  # no test file: held-out is the whole file
 
 
 @pytest.fixture(scope="module")
