@@ -272,14 +272,20 @@ def load_runs(out: Path) -> list[dict]:
 
 
 def report(out: Path, docs_dir: Path | None) -> str:
-    runs = [r for r in load_runs(out) if r["phase"] != "sweep"]
     sweep = [r for r in load_runs(out) if r["phase"] == "sweep"]
+    chosen = best_lrs(sweep)  # a grid widened later may move a pick: report the final runs at the current one
+
+    def current(r: dict) -> bool:  # extras run at E-GRPO's pick, except the --also-lr ones ("name@lr")
+        pick = chosen.get("egrpo" if r["phase"] == "extra" else r["variant"], r["lr"])
+        return r["phase"] != "sweep" and ("@" in r["variant"] or r["lr"] == pick)
+
+    runs = [r for r in load_runs(out) if current(r)]
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["variant"], {})[r["seed"]] = r
-    lines = [f"Budget per run: {runs[0]['budget']:.0f} forward-equivalents; held-out score = mean alignment reward over "
+    lines = [f"Budget per run: {runs[0]['budget']:.0f} forward-equivalents; held-out score = mean reward over "
              f"the held-out prompts x {runs[0]['draws']} noise draws (ODE, fixed evaluation noise); base "
-             f"{runs[0]['base']:.3f}.", ""]
+             f"{runs[0]['base']:.3f}.", f"--set for every run: {' '.join(runs[0].get('settings') or ['none'])}.", ""]
     lines += ["| strategy | lr | seeds | iterations | held-out after | change (95% CI) | vs E-GRPO, paired (95% CI) | "
               "resolved? |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, cells in change_cells(by, "change"):
@@ -308,7 +314,6 @@ def report(out: Path, docs_dir: Path | None) -> str:
     if sweep:
         lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
         lrs = sorted({r["lr"] for r in sweep})
-        chosen = best_lrs(sweep)
         lines += ["| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
         for name in dict.fromkeys(r["variant"] for r in sweep):
             cells = []

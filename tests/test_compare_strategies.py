@@ -56,9 +56,10 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
     for s, n in enumerate(noise):
         rows = [_run("egrpo", s, 0.1 + n), _run("better", s, 0.15 + n + 0.001 * s), _run("same", s, 0.1 + n + noise[s - 1]),
                 _run("borderline", s, 0.1 + n + 0.01 + BORDERLINE[s])]
-        rows += [_run("egrpo", 1000 + s, 0.1, phase="sweep", lr=lr) for lr in (1e-5,)]
+        rows += [_run("egrpo", 1000 + s, 0.1 + 0.1 * (lr == 1e-5), phase="sweep", lr=lr) for lr in (1e-5, 1e-4)]
+        rows += [_run("egrpo", s, 9.0, lr=1e-4)]  # a final run at a lr the (widened) sweep no longer picks
         for r in rows:
-            (runs / f"{r['phase']}-{r['variant']}-{r['seed']}.json").write_text(json.dumps(r))
+            (runs / f"{r['phase']}-{r['variant']}-lr{r['lr']:g}-{r['seed']}.json").write_text(json.dumps(r))
     lines: dict[str, str] = {}
     for line in cs.report(tmp_path, None).splitlines():  # the first table: held-out change and paired verdict
         if line.startswith("| "):
