@@ -272,14 +272,15 @@ def load_runs(out: Path) -> list[dict]:
 
 
 def report(out: Path, docs_dir: Path | None) -> str:
-    sweep = [r for r in load_runs(out) if r["phase"] == "sweep"]
+    every = load_runs(out)
+    sweep = [r for r in every if r["phase"] == "sweep"]
     chosen = best_lrs(sweep)  # a grid widened later may move a pick: report the final runs at the current one
 
     def current(r: dict) -> bool:  # extras run at E-GRPO's pick, except the --also-lr ones ("name@lr")
         pick = chosen.get("egrpo" if r["phase"] == "extra" else r["variant"], r["lr"])
         return r["phase"] != "sweep" and ("@" in r["variant"] or r["lr"] == pick)
 
-    runs = [r for r in load_runs(out) if current(r)]
+    runs = [r for r in every if current(r)]
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["variant"], {})[r["seed"]] = r
