@@ -147,6 +147,15 @@ class RewardConfig(Strict):
     num_cpus: Float = Field(0.25, ge=0)
     num_gpus: Float = Field(0.0, ge=0)
     resources: Resources = {}  # custom Ray resources per replica (placement on labelled nodes)
+    # The alignment reward's combination of its terms: "product" (strict, every attribute at once) or
+    # "mean" (graded partial credit); see rewards/alignment.py. Other rewards have no terms to combine.
+    combine: Optional[Literal["product", "mean"]] = None
+
+    @model_validator(mode="after")
+    def _combine_only_for_alignment(self) -> "RewardConfig":
+        if self.combine is not None and self.name != "alignment":
+            raise ValueError(f"combine applies to the alignment reward only, not to {self.name}")
+        return self
 
 
 class PromptsConfig(Strict):

@@ -287,6 +287,25 @@ def test_compositional_mistakes_score_low(reward, compositional_gt):
     assert 0.05 < rel_term < 0.5
 
 
+def test_mean_combine_gives_graded_credit(reward, all_gt, compositional_gt):
+    """combine=mean: presence x the mean of the asked terms; one wrong attribute of five keeps ~4/5."""
+    graded = build_reward(RewardConfig(name="alignment", combine="mean"))
+    specs, prompts, gt = all_gt
+    assert graded(gt, prompts).min() > 0.9 and torch.all(graded(torch.zeros(6, 3, 32, 32), prompts[:6]) == 0)
+    moved = _swap(specs, position=4)  # every attribute right but the position
+    assert reward(gt, moved).mean() < 0.35 and 0.7 < graded(gt, moved).mean() < 0.85
+    rel, rel_img, cnt, cnt_img = compositional_gt
+    wrong = [_flip_relation(s).prompt for s in rel] + [scenes.CountSpec(5 - s.number, s.colour, s.shape).prompt for s in cnt]
+    images = torch.cat([rel_img, cnt_img])
+    terms, score = reward.terms(images, wrong), graded(images, wrong)
+    asked = [("colour", "shape", "size", "aspect", "relation")] * len(rel) + [("colour", "shape", "size", "aspect", "count")] * len(cnt)
+    expected = torch.stack([terms["presence"][i] * sum(terms[k][i] for k in ks) / 5 for i, ks in enumerate(asked)])
+    torch.testing.assert_close(score, expected)  # the unasked terms (reported as 1) are not averaged in
+    assert 0.7 < score.mean() < 0.85 and terms["reward"].mean() < 0.25
+    with pytest.raises(ValueError, match="alignment reward only"):
+        RewardConfig(name="jpeg", combine="mean")
+
+
 # --- the independent image-quality check (egrpo_ray/quality.py) -------------------------------------
 def test_image_quality_sees_faint_noise():
     from egrpo_ray.quality import image_quality, image_quality_per_image

@@ -24,8 +24,11 @@ clamped) and its prompt (parsed to colour, shape, position; an unparseable promp
 3. reward = presence * prod_t (floor + (1 - floor) * term_t), floor = 0.2, over the five terms, where
    presence = clamp(M / (0.5 M*), 0, 1) gates images with (almost) none of the asked colour to 0. A
    wrong colour or an empty image scores 0, a single wrong attribute (shape, position, size...) caps
-   the reward near 0.2, so "reward went up" needs every attribute right at once, yet every term keeps
-   a gradient of partial credit for RL.
+   the reward near 0.2, so "reward went up" needs every attribute right at once.
+   ``combine="mean"`` (config: ``combine: mean``) gives graded partial credit instead: reward =
+   presence * mean_t term_t. The product makes a sample that fixes one attribute while others stay
+   wrong score almost as low as one that fixes none; the mean pays for each attribute on its own
+   (docs/benchmarks.md, section 1, compares RL on both).
 
 Compositional prompts (tasks/scenes.py) use the same pieces, with a stricter colour membership (the
 other channels must be dark relative to the asked ones, so a neighbour's anti-aliased edge does not
@@ -38,8 +41,7 @@ count) and a reference per object at the grid cell nearest its centroid; ``posit
   exp(-(found - asked)^2 / 0.5) with found = components of >= 30 % of one object's mass; shape, size,
   aspect = the mean over the asked number of largest components (a missing one scores 0); presence
   against asked x one object's mass.
-The reward is presence x prod(floor + (1 - floor) term) over colour, shape, size, aspect and relation
-or count. ``terms`` reports ``relation`` and ``count`` for every prompt (1 where not asked).
+The reward combines colour, shape, size, aspect and relation or count as in step 3. ``terms`` reports ``relation`` and ``count`` for every prompt (1 where not asked).
 
 Reference statistics are kept per resolution in a small LRU (``TARGET_CACHE_SIZES`` resolutions, 162 x 7
 floats each). At the task's own 32x32 they come from the task's renders, bit for bit as always; at any
@@ -68,6 +70,10 @@ from egrpo_ray.rewards.base import Reward
 from egrpo_ray.tasks import scenes, shapes
 
 TERMS = ("colour", "position", "shape", "size", "aspect")
+# The five terms each kind of prompt asks for (a scene's ``position`` is implied by its relation or count).
+RELATION_TERMS = ("colour", "shape", "size", "aspect", "relation")
+COUNT_TERMS = ("colour", "shape", "size", "aspect", "count")
+COMBINES = ("product", "mean")  # how the terms make the reward (module docstring, step 3)
 # Terms of the compositional prompts (1 where a prompt does not ask for them; ``position`` is 1 for them).
 SCENE_TERMS = ("relation", "count")
 _EPS = 1e-6
@@ -286,7 +292,11 @@ class AlignmentReward(Reward):
         fill_sd: float = 0.08,
         skew_sd: float = 0.3,
         presence_frac: float = 0.5,
+        combine: str = "product",
     ):
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
+        self.combine = combine
         self.floor = floor
         self.position_px = position_px
         self.size_log_sd = size_log_sd
@@ -300,7 +310,7 @@ class AlignmentReward(Reward):
 
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> "AlignmentReward":
-        return cls()
+        return cls(combine=cfg.combine or "product")
 
     def _target_table(self, size: int) -> dict[str, torch.Tensor]:
         with self._targets_lock:
@@ -342,13 +352,18 @@ class AlignmentReward(Reward):
                     out[k][rows] = v.float()
         return out
 
-    def _combine(self, presence: torch.Tensor, mass: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """reward = presence x prod(floor + (1 - floor) term); without mass every term reports 0."""
+    def _combine(self, presence: torch.Tensor, mass: torch.Tensor, terms: dict[str, torch.Tensor],
+                 asked: Sequence[str] = TERMS) -> dict[str, torch.Tensor]:
+        """reward = presence x prod(floor + (1 - floor) term), or presence x mean(term) with ``combine="mean"``,
+        over the ``asked`` terms (the others are reported as 1); without mass every term reports 0."""
         has_mass = mass > _EPS
         out = {k: torch.where(has_mass, v, torch.zeros_like(v)) for k, v in terms.items()}
-        reward = presence.clone()
-        for v in out.values():
-            reward = reward * (self.floor + (1 - self.floor) * v)
+        if self.combine == "mean":
+            reward = presence * torch.stack([out[k] for k in asked]).mean(dim=0)
+        else:
+            reward = presence.clone()
+            for k in asked:
+                reward = reward * (self.floor + (1 - self.floor) * out[k])
         out["presence"] = presence
         out["reward"] = reward.clamp(0, 1)
         return out
@@ -396,7 +411,7 @@ class AlignmentReward(Reward):
         ta, tb = self._object_terms(sa, ra), self._object_terms(sb, rb)
         terms = {k: (ta[k] + tb[k]) / 2 for k in ta}
         terms.update(colour=colour, position=torch.ones_like(colour), relation=relation, count=torch.ones_like(colour))
-        return self._combine(presence, torch.minimum(sa["mass"], sb["mass"]), terms)
+        return self._combine(presence, torch.minimum(sa["mass"], sb["mass"]), terms, RELATION_TERMS)
 
     def _count_terms(self, images: torch.Tensor, specs: Sequence[scenes.CountSpec], table) -> dict[str, torch.Tensor]:
         """Objects = connected components of the colour's mass; count: exp(-(found - asked)^2 / 0.5),
@@ -427,7 +442,7 @@ class AlignmentReward(Reward):
         presence = (mass / (self.presence_frac * asked * one)).clamp(0, 1)
         colour = (mass / bright.sum(dim=(1, 2)).clamp_min(_EPS)).clamp(0, 1)
         terms.update(colour=colour, position=torch.ones(B), relation=torch.ones(B), count=count)
-        return self._combine(presence, mass, terms)
+        return self._combine(presence, mass, terms, COUNT_TERMS)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.terms(images, prompts)["reward"]
