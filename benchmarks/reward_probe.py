@@ -1,0 +1,87 @@
+"""Does RL move the alignment reward? One in-process E-GRPO run, scored under both ways to combine its terms.
+
+Trains the tiny model on configs/tiny.yaml (on-policy, 4 optimizer steps an iteration as in
+compare_strategies.py) with the alignment reward combined as ``--combine`` (product: strict; mean: graded
+partial credit), and every ``--every`` iterations prints the FE spent, the mean rollout reward of the last 10
+iterations and the evaluation reward (ODE, fixed noise) under BOTH combinations, so a run trained on one can be
+judged by the other. ``--train-count N`` trains on the first N training prompts and evaluates those (over
+max(4, 32 / N) noise draws each: does RL fit them?); otherwise it trains on the config's training prompts and
+evaluates the held-out ones over 4 draws (does it generalise?).
+Single-threaded (torch.set_num_threads(1)); docs/benchmarks.md section 1 quotes its figures.
+
+    OMP_NUM_THREADS=1 python benchmarks/reward_probe.py --combine mean --lr 1e-4 --iters 120 --train-count 1 \
+        --set 'prompts.tiny_train_kinds=[relation]' --set sampling.eta=0.3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--combine", choices=["product", "mean"], default="product", help="the training reward")
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--iters", type=int, default=120)
+    p.add_argument("--every", type=int, default=20, help="evaluate every N iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-count", type=int, help="train on the first N training prompts and evaluate them")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from egrpo_ray.algo.strategies import build_strategy
+    from egrpo_ray.config import load_config
+    from egrpo_ray.evaluate import heldout_reward
+    from egrpo_ray.models import build_policy
+    from egrpo_ray.prompts import PromptCursor, prompt_splits
+    from egrpo_ray.rewards.alignment import COMBINES, AlignmentReward
+    from egrpo_ray.training import learn, sample_and_score
+
+    def reward_fn(combine):
+        reward = AlignmentReward(combine=combine)
+        return lambda images, prompts: {"alignment": reward(images, prompts).float()}
+
+    scorers = {c: reward_fn(c) for c in COMBINES}
+    subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["learner.max_staleness=0", f"learner.lr={args.lr}", *subset, *args.settings])
+    torch.manual_seed(args.seed)
+    policy = build_policy(cfg.model)
+    strategy = build_strategy(cfg.sampling, cfg.algorithm)
+    train, heldout = prompt_splits(cfg.prompts)
+    eval_prompts = train * max(4, 32 // len(train)) if args.train_count else heldout * 4
+
+    def evaluate() -> str:
+        return " ".join(f"{c} {heldout_reward(policy, eval_prompts, f, cfg, 4242)[0]:.4f}" for c, f in scorers.items())
+
+    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=args.lr, weight_decay=cfg.learner.weight_decay)
+    cursor = PromptCursor(train, args.seed)
+    rollout_gen, learn_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
+    print(f"train on {args.combine}, lr {args.lr}, seed {args.seed}, {args.settings or 'configs/tiny.yaml'}; "
+          f"evaluating {'training' if args.train_count else 'held-out'} prompts x draws = {len(eval_prompts)}", flush=True)
+    print(f"iteration 0 FE 0 eval: {evaluate()}", flush=True)
+    rewards, fe, start = [], 0.0, time.time()
+    for it in range(args.iters):
+        item = sample_and_score(policy, strategy, cursor.take(cfg.learner.prompts_per_step), scorers[args.combine],
+                                rollout_gen, it, policy_version=it)
+        if it == 0:  # 4 optimizer steps an iteration, as compare_strategies.py
+            cfg.learner.minibatch_rows = max(1, math.ceil(len(item.rollout.step_index) / 4))
+        metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learn_gen, policy_version=it)
+        fe += item.rollout.forwards + 3 * metrics["learner_rows"] + metrics["recompute_rows"]
+        rewards.append(metrics["reward_mean"])
+        if (it + 1) % args.every == 0:
+            recent = sum(rewards[-10:]) / len(rewards[-10:])
+            print(f"iteration {it + 1} FE {fe:.0f} rollout(last 10) {recent:.4f} eval: {evaluate()} "
+                  f"[{time.time() - start:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

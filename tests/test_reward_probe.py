@@ -1,0 +1,21 @@
+"""benchmarks/reward_probe.py: one iteration runs, FE are counted, and the evaluation is fixed-noise (a ~0 lr keeps it)."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_probe.py"
+spec = importlib.util.spec_from_file_location("reward_probe", SCRIPT)
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+
+
+def test_probe_scores_both_combinations_with_fixed_noise(capsys):
+    probe.main(["--combine", "mean", "--lr", "1e-12", "--iters", "1", "--every", "1", "--train-count", "2",
+                "--set", "sampling.eta=0.3"])
+    lines = capsys.readouterr().out.splitlines()
+    evals = [[float(v) for v in re.search(r"eval: product ([0-9.]+) mean ([0-9.]+)", line).groups()] for line in lines[1:]]
+    assert len(evals) == 2 and evals[1] == pytest.approx(evals[0], abs=2e-4)  # ~ the same weights, the same noise
+    assert evals[0][0] < evals[0][1]  # the strict product is below the graded mean on the base
+    assert int(re.search(r"FE (\d+) rollout", lines[2]).group(1)) > 0
