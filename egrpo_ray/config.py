@@ -126,6 +126,7 @@ class AlgorithmConfig(Strict):
     behaviour_ratio_cap: Float = Field(2.0, ge=1)  # decoupled: cap on pi_recompute / pi_sampler
     # Where the baselines' sources differ; None = the strategy's own source's default (docs/algorithm.md section 8).
     adv_std: Optional[Literal["population", "unbiased"]] = None
+    adv_std_scope: Optional[Literal["group", "batch"]] = None  # batch: one std over the update (Flow-GRPO)
     adv_clip_order: Optional[Literal["each_reward", "after_sum"]] = None  # multi_reward "advantage" mode
     shared_noise: Optional[Bool] = None  # one initial noise per group (trajectory strategies)
     dance_eta: Float = Field(0.3, ge=0)  # DanceGRPO's own constant-noise SDE

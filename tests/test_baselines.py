@@ -116,6 +116,18 @@ def test_unbiased_std_is_torch_std_and_population_std_is_numpy_std():
     assert not torch.allclose(unbiased, population)
 
 
+def test_batch_scope_is_flow_grpos_global_std():
+    rewards, group = _reward_groups()
+    rewards[group == 2] = 0.5  # a constant group: no signal, whatever the scope
+    adv = group_advantages(rewards, group, eps=1e-4, std="population", scope="batch")
+    a, g = rewards.numpy(), group.numpy()
+    for k in range(2):  # Flow-GRPO's stat tracker with global_std: each prompt's mean, np.std of the whole batch
+        flow = (a[g == k] - np.mean(a[g == k])) / (np.std(a) + 1e-4)
+        assert np.allclose(adv.values[group == k].double().numpy(), flow, atol=1e-6)
+    assert adv.valid_group.tolist() == [True, True, False] and torch.all(adv.values[group == 2] == 0)
+    assert not torch.allclose(adv.values, group_advantages(rewards, group, eps=1e-4, std="population").values)
+
+
 def test_advantage_mode_clamps_after_the_weighted_sum():
     rewards, group = _reward_groups()
     other = rewards.flip(0) * 3
@@ -137,14 +149,15 @@ def test_advantage_mode_clamps_after_the_weighted_sum():
     assert not torch.allclose(after, each)
 
 
-@pytest.mark.parametrize("name,std,shared", [("egrpo", "unbiased", True), ("g2rpo", "unbiased", True),
-                                             ("dancegrpo", "unbiased", True), ("mixgrpo", "unbiased", True),
-                                             ("flowgrpo", "population", False)])
-def test_each_strategy_resolves_its_sources_defaults_and_the_config_overrides_them(name, std, shared):
+@pytest.mark.parametrize("name,std,scope,shared", [("egrpo", "unbiased", "group", True), ("g2rpo", "unbiased", "group", True),
+                                                   ("dancegrpo", "unbiased", "group", True), ("mixgrpo", "unbiased", "group", True),
+                                                   ("flowgrpo", "population", "batch", False)])
+def test_each_strategy_resolves_its_sources_defaults_and_the_config_overrides_them(name, std, scope, shared):
     s = _strategy(name)
-    assert (s.adv_std, s.adv_clip_order, s.shared_noise) == (std, "after_sum", shared)
-    o = _strategy(name, adv_std="population" if std == "unbiased" else "unbiased", adv_clip_order="each_reward")
-    assert o.adv_std != std and o.adv_clip_order == "each_reward"
+    assert (s.adv_std, s.adv_std_scope, s.adv_clip_order, s.shared_noise) == (std, scope, "after_sum", shared)
+    o = _strategy(name, adv_std="population" if std == "unbiased" else "unbiased", adv_clip_order="each_reward",
+                  adv_std_scope="group" if scope == "batch" else "batch")
+    assert o.adv_std != std and o.adv_clip_order == "each_reward" and o.adv_std_scope != scope
 
 
 def test_branching_cannot_drop_the_shared_anchor_noise():

@@ -4,6 +4,9 @@ A_k = (R_k - mean(R)) / (std(R) + eps) within each group, clipped to +-clip. Whe
 the caller picks (the strategy resolves its own source's default):
 - std: "unbiased" (torch.std, divides by n - 1: DanceGRPO, G2RPO, MixGRPO, the E-GRPO code) or
   "population" (numpy's default, divides by n: Flow-GRPO);
+- std scope: "group" (each group's own spread: every source but one) or "batch" (one spread over every
+  sample of the update, each group keeping its own mean: Flow-GRPO's ``global_std``, on by default in its
+  shipped configs). With several learner ranks "batch" is the rank's batch (the source gathers all GPUs);
 - clip order in "advantage" mode: "after_sum" clamps the weighted sum of the per-reward z-scores (every
   source clamps in the loss, after the sum), "each_reward" clamps each z-score before the sum.
 A group whose rewards have no spread carries no signal: it is flagged so the loss skips it, and
@@ -19,6 +22,7 @@ import torch
 ZERO_STD = 1e-6  # below this spread a group is treated as constant
 StdKind = Literal["population", "unbiased"]
 ClipOrder = Literal["each_reward", "after_sum"]
+StdScope = Literal["group", "batch"]
 
 
 @dataclass
@@ -43,11 +47,15 @@ def _group_stats(rewards: torch.Tensor, group: torch.Tensor, num_groups: int, st
     return mean, (sq / dof).sqrt()
 
 
-def _zscores(rewards: torch.Tensor, group: torch.Tensor, eps: float, std: StdKind) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unclipped per-group z-scores [N] (float64) and the groups with spread."""
+def _zscores(rewards: torch.Tensor, group: torch.Tensor, eps: float, std: StdKind,
+             scope: StdScope = "group") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unclipped z-scores [N] (float64) about each group's mean, and the groups with spread."""
+    if scope not in ("group", "batch"):
+        raise ValueError(f"advantage std scope must be 'group' or 'batch', got {scope!r}")
     rewards = rewards.double()
     mean, sd = _group_stats(rewards, group, int(group.max()) + 1, std)
-    return (rewards - mean[group]) / (sd[group] + eps), sd > ZERO_STD
+    spread = sd[group] if scope == "group" else _group_stats(rewards, torch.zeros_like(group), 1, std)[1]
+    return (rewards - mean[group]) / (spread + eps), sd > ZERO_STD
 
 
 def _finish(z: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, clip: float) -> Advantages:
@@ -56,9 +64,9 @@ def _finish(z: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, clip: flo
 
 
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-8, clip: float = 5.0,
-                     std: StdKind = "population") -> Advantages:
+                     std: StdKind = "population", scope: StdScope = "group") -> Advantages:
     """Per-group z-scores of one reward [N] for samples with group ids [N] (0..num_groups-1)."""
-    z, valid = _zscores(rewards, group, eps, std)
+    z, valid = _zscores(rewards, group, eps, std, scope)
     return _finish(z, valid, group, clip)
 
 
@@ -71,6 +79,7 @@ def combine_rewards(
     clip: float = 5.0,
     std: StdKind = "population",
     clip_order: ClipOrder = "each_reward",
+    scope: StdScope = "group",
 ) -> Advantages:
     """Multi-reward advantages. "reward": weight-sum the rewards, then normalise in the group.
     "advantage": normalise each reward in the group, then weight-sum, clipping each z-score before the
@@ -78,10 +87,10 @@ def combine_rewards(
     in it."""
     if mode == "reward":
         total = sum(weights[k] * rewards[k].double() for k in rewards)
-        return group_advantages(total, group, eps, clip, std)
+        return group_advantages(total, group, eps, clip, std, scope)
     if clip_order not in ("each_reward", "after_sum"):
         raise ValueError(f"advantage clip order must be 'each_reward' or 'after_sum', got {clip_order!r}")
-    per = {k: _zscores(r, group, eps, std) for k, r in rewards.items()}
+    per = {k: _zscores(r, group, eps, std, scope) for k, r in rewards.items()}
     # a constant reward contributes 0 in its group (its numerator is 0 there anyway)
     parts = {k: torch.where(valid[group], z, torch.zeros_like(z)) for k, (z, valid) in per.items()}
     if clip_order == "each_reward":

@@ -29,13 +29,15 @@ if TYPE_CHECKING:  # the config sections are read by attribute: algo never impor
 
 class Strategy(ABC):
     """Also resolves the options where the sources differ (docs/algorithm.md section 8): the config's
-    value (algorithm.adv_std, adv_clip_order, shared_noise) or, when it is None, the strategy's own
-    source's default. training.learn passes ``adv_std`` and ``adv_clip_order`` to the advantages."""
+    value (algorithm.adv_std, adv_std_scope, adv_clip_order, shared_noise) or, when it is None, the strategy's
+    own source's default. training.learn passes ``adv_std``, ``adv_std_scope`` and ``adv_clip_order`` to the
+    advantages."""
 
     name: str
     # E-GRPO's defaults, from its authors' code (VisualGRPO, built on DanceGRPO/G2RPO): group_rewards.std()
     # is torch's unbiased std; the advantage is clamped only in the loss, after any sum over rewards.
     source_adv_std = "unbiased"
+    source_adv_std_scope = "group"
     source_adv_clip_order = "after_sum"
     source_shared_noise = True
     noise_sharing_optional = False  # branching: the group branches off ONE anchor, so it shares the noise
@@ -45,6 +47,7 @@ class Strategy(ABC):
         self.group_size = algorithm.group_size
         self.kernel = StepKernel(shifted_sigmas(sampling.steps, sampling.shift), sampling.eta, "flow", algorithm.logprob_reduction)
         self.adv_std = _resolved(algorithm, "adv_std", self.source_adv_std)
+        self.adv_std_scope = _resolved(algorithm, "adv_std_scope", self.source_adv_std_scope)
         self.adv_clip_order = _resolved(algorithm, "adv_clip_order", self.source_adv_clip_order)
         self.shared_noise = bool(_resolved(algorithm, "shared_noise", self.source_shared_noise))
         if not self.shared_noise and not self.noise_sharing_optional:
@@ -132,10 +135,12 @@ class TrajectoryStrategy(Strategy):
 
 class FlowGRPO(TrajectoryStrategy):
     """Flow-GRPO: SDE on every step, trains all but the last; its ``sample.same_latent`` is off by
-    default (each sample its own initial noise) and its stat tracker normalises with np.std (population)."""
+    default (each sample its own initial noise) and its stat tracker normalises with np.std (population)
+    of the whole batch (``global_std = True`` in its shipped configs), about each prompt's own mean."""
 
     name = "flowgrpo"
     source_adv_std = "population"
+    source_adv_std_scope = "batch"
     source_shared_noise = False
 
     def train_steps(self, iteration: int, num_samples: int, generator: torch.Generator) -> list[int]:
