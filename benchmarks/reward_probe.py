@@ -4,7 +4,7 @@ Trains the tiny model on configs/tiny.yaml (on-policy, 4 optimizer steps an iter
 compare_strategies.py) with the alignment reward combined as ``--combine`` (product: strict; mean: graded
 partial credit), and every ``--every`` iterations prints the FE spent, the mean rollout reward of the last 10
 iterations and the evaluation reward (ODE, fixed noise) under BOTH combinations, so a run trained on one can be
-judged by the other. ``--train-count N`` trains on the first N training prompts and evaluates those (over
+judged by the other. It also prints the first rollout's within-group spread. ``--train-count N`` trains on the first N training prompts and evaluates those (over
 max(4, 32 / N) noise draws each: does RL fit them?); otherwise it trains on the config's training prompts and
 evaluates the held-out ones over 4 draws (does it generalise?).
 Single-threaded (torch.set_num_threads(1)); docs/benchmarks.md section 1 quotes its figures.
@@ -22,6 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def group_spread(rewards, group) -> str:
+    """Do the groups rank their samples? The mean reward and the mean within-group standard deviation."""
+    spreads = [rewards[group == g].std().item() for g in group.unique()]
+    return (f"first rollout: {len(spreads)} groups, reward mean {rewards.mean().item():.4f}, "
+            f"within-group std {sum(spreads) / len(spreads):.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                                 rollout_gen, it, policy_version=it)
         if it == 0:  # 4 optimizer steps an iteration, as compare_strategies.py
             cfg.learner.minibatch_rows = max(1, math.ceil(len(item.rollout.step_index) / 4))
+            print(group_spread(item.rewards["alignment"], item.rollout.sample_group), flush=True)
         metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learn_gen, policy_version=it)
         fe += item.rollout.forwards + 3 * metrics["learner_rows"] + metrics["recompute_rows"]
         rewards.append(metrics["reward_mean"])
