@@ -4,9 +4,10 @@ Trains the tiny model on configs/tiny.yaml (on-policy, 4 optimizer steps an iter
 compare_strategies.py) with the alignment reward combined as ``--combine`` (product: strict; mean: graded
 partial credit), and every ``--every`` iterations prints the FE spent, the mean rollout reward of the last 10
 iterations and the evaluation reward (ODE, fixed noise) under BOTH combinations, so a run trained on one can be
-judged by the other. It also prints the first rollout's within-group spread. ``--train-count N`` trains on the first N training prompts and evaluates those (over
-max(4, 32 / N) noise draws each: does RL fit them?); otherwise it trains on the config's training prompts and
-evaluates the held-out ones over 4 draws (does it generalise?).
+judged by the other; first, the first rollout's within-group spread (do the groups rank samples?).
+``--train-count N`` trains on the first N training prompts and evaluates those over max(4, 32 / N) noise
+draws each (does RL fit them?); otherwise it trains on the config's training prompts and evaluates the
+held-out ones over 4 draws (does it generalise?).
 Single-threaded (torch.set_num_threads(1)); docs/benchmarks.md section 1 quotes its figures.
 
     OMP_NUM_THREADS=1 python benchmarks/reward_probe.py --combine mean --lr 1e-4 --iters 120 --train-count 1 \
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
 
     scorers = {c: reward_fn(c) for c in COMBINES}
     subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["learner.max_staleness=0", f"learner.lr={args.lr}", *subset, *args.settings])
+    settings = ["learner.max_staleness=0", f"learner.lr={args.lr}", *subset, *args.settings]
+    cfg = load_config(ROOT / "configs/tiny.yaml", settings)
     torch.manual_seed(args.seed)
     policy = build_policy(cfg.model)
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate() -> str:
         return " ".join(f"{c} {heldout_reward(policy, eval_prompts, f, cfg, 4242)[0]:.4f}" for c, f in scorers.items())
 
-    optimizer = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=args.lr, weight_decay=cfg.learner.weight_decay)
+    params = [q for q in policy.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.learner.weight_decay)
     cursor = PromptCursor(train, args.seed)
     rollout_gen, learn_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
     print(f"train on {args.combine}, lr {args.lr}, seed {args.seed}, {args.settings or 'configs/tiny.yaml'}; "

@@ -149,9 +149,9 @@ def test_advantage_mode_clamps_after_the_weighted_sum():
     assert not torch.allclose(after, each)
 
 
-@pytest.mark.parametrize("name,std,scope,shared", [("egrpo", "unbiased", "group", True), ("g2rpo", "unbiased", "group", True),
-                                                   ("dancegrpo", "unbiased", "group", True), ("mixgrpo", "unbiased", "group", True),
-                                                   ("flowgrpo", "population", "batch", False)])
+@pytest.mark.parametrize("name,std,scope,shared", [
+    ("egrpo", "unbiased", "group", True), ("g2rpo", "unbiased", "group", True), ("dancegrpo", "unbiased", "group", True),
+    ("mixgrpo", "unbiased", "group", True), ("flowgrpo", "population", "batch", False)])
 def test_each_strategy_resolves_its_sources_defaults_and_the_config_overrides_them(name, std, scope, shared):
     s = _strategy(name)
     assert (s.adv_std, s.adv_std_scope, s.adv_clip_order, s.shared_noise) == (std, scope, "after_sum", shared)

@@ -297,8 +297,9 @@ def test_mean_combine_gives_graded_credit(reward, all_gt, compositional_gt):
     rel, rel_img, cnt, cnt_img = compositional_gt
     wrong = [_flip_relation(s).prompt for s in rel] + [scenes.CountSpec(5 - s.number, s.colour, s.shape).prompt for s in cnt]
     images = torch.cat([rel_img, cnt_img])
+    per_object = ("colour", "shape", "size", "aspect")
     terms, score = reward.terms(images, wrong), graded(images, wrong)
-    asked = [("colour", "shape", "size", "aspect", "relation")] * len(rel) + [("colour", "shape", "size", "aspect", "count")] * len(cnt)
+    asked = [(*per_object, "relation")] * len(rel) + [(*per_object, "count")] * len(cnt)
     expected = torch.stack([terms["presence"][i] * sum(terms[k][i] for k in ks) / 5 for i, ks in enumerate(asked)])
     torch.testing.assert_close(score, expected)  # the unasked terms (reported as 1) are not averaged in
     assert 0.7 < score.mean() < 0.85 and terms["reward"].mean() < 0.25

@@ -41,7 +41,8 @@ count) and a reference per object at the grid cell nearest its centroid; ``posit
   exp(-(found - asked)^2 / 0.5) with found = components of >= 30 % of one object's mass; shape, size,
   aspect = the mean over the asked number of largest components (a missing one scores 0); presence
   against asked x one object's mass.
-The reward combines colour, shape, size, aspect and relation or count as in step 3. ``terms`` reports ``relation`` and ``count`` for every prompt (1 where not asked).
+The reward combines colour, shape, size, aspect and relation or count as in step 3. ``terms`` reports
+``relation`` and ``count`` for every prompt (1 where not asked).
 
 Reference statistics are kept per resolution in a small LRU (``TARGET_CACHE_SIZES`` resolutions, 162 x 7
 floats each). At the task's own 32x32 they come from the task's renders, bit for bit as always; at any
