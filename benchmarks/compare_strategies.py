@@ -84,6 +84,20 @@ def forward_equivalents(metrics: dict, rollout_forwards: int) -> float:
     return rollout_forwards + 3 * metrics["learner_rows"] + metrics["recompute_rows"]
 
 
+def one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen, iteration: int,
+                  optimizer_steps: int):
+    """Sample and score one batch on-policy, then one update; returns (item, metrics, FE spent). On the first
+    iteration it sizes the minibatches so that every strategy takes ``optimizer_steps`` optimizer steps."""
+    from egrpo_ray.training import learn, sample_and_score
+
+    item = sample_and_score(policy, strategy, cursor.take(cfg.learner.prompts_per_step), reward_fn, rollout_gen,
+                            iteration, policy_version=iteration)
+    if iteration == 0:
+        cfg.learner.minibatch_rows = max(1, math.ceil(len(item.rollout.step_index) / optimizer_steps))
+    metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, policy_version=iteration)
+    return item, metrics, forward_equivalents(metrics, item.rollout.forwards)
+
+
 def run_job(job: Job) -> dict:
     """Train one (strategy, lr, seed) until the FE budget is spent; score on the phase's prompts."""
     import torch
@@ -96,7 +110,7 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe, validation_prompts
     from egrpo_ray.quality import image_quality
     from egrpo_ray.rewards import build_reward
-    from egrpo_ray.training import learn, make_reward_fn, sample_and_score
+    from egrpo_ray.training import make_reward_fn
 
     cfg = load_config(CONFIG, COMMON + job.settings + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
     torch.manual_seed(cfg.seed)
@@ -119,15 +133,12 @@ def run_job(job: Job) -> dict:
 
     t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
     marks = [p * job.budget for p in CURVE_POINTS]
-    train_rewards = []
+    train_rewards, rows = [], 0
     while spent < job.budget:
-        item = sample_and_score(policy, strategy, cursor.take(cfg.learner.prompts_per_step), reward_fn, rollout_gen,
-                                iteration, policy_version=iteration)
-        if iteration == 0:  # every strategy takes the same number of optimizer steps per iteration
-            rows = len(item.rollout.step_index)
-            cfg.learner.minibatch_rows = max(1, math.ceil(rows / job.optimizer_steps))
-        metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, policy_version=iteration)
-        spent += forward_equivalents(metrics, item.rollout.forwards)
+        item, metrics, fe = one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen,
+                                          iteration, job.optimizer_steps)  # every strategy: as many optimizer steps
+        rows = rows or len(item.rollout.step_index)
+        spent += fe
         train_rewards.append(metrics["reward_mean"])
         iteration += 1
         while marks and spent >= marks[0]:

@@ -1,7 +1,7 @@
 """Does RL move the alignment reward? One in-process E-GRPO run, scored under both ways to combine its terms.
 
-Trains the tiny model on configs/tiny.yaml (on-policy, 4 optimizer steps an iteration as in
-compare_strategies.py) with the alignment reward combined as ``--combine`` (product: strict; mean: graded
+Trains the tiny model on configs/tiny.yaml (on-policy, 4 optimizer steps an iteration: compare_strategies.py's
+loop) with the alignment reward combined as ``--combine`` (product: strict; mean: graded
 partial credit), and every ``--every`` iterations prints the FE spent, the mean rollout reward of the last 10
 iterations and the evaluation reward (ODE, fixed noise) under BOTH combinations, so a run trained on one can be
 judged by the other; first, the first rollout's within-group spread (do the groups rank samples?).
@@ -16,7 +16,6 @@ Single-threaded (torch.set_num_threads(1)); docs/benchmarks.md section 1 quotes 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,13 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from benchmarks.compare_strategies import one_iteration
     from egrpo_ray.algo.strategies import build_strategy
     from egrpo_ray.config import load_config
     from egrpo_ray.evaluate import heldout_reward
     from egrpo_ray.models import build_policy
     from egrpo_ray.prompts import PromptCursor, prompt_splits
     from egrpo_ray.rewards.alignment import COMBINES, AlignmentReward
-    from egrpo_ray.training import learn, sample_and_score
 
     def reward_fn(combine):
         reward = AlignmentReward(combine=combine)
@@ -80,13 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"iteration 0 FE 0 eval: {evaluate()}", flush=True)
     rewards, fe, start = [], 0.0, time.time()
     for it in range(args.iters):
-        item = sample_and_score(policy, strategy, cursor.take(cfg.learner.prompts_per_step), scorers[args.combine],
-                                rollout_gen, it, policy_version=it)
-        if it == 0:  # 4 optimizer steps an iteration, as compare_strategies.py
-            cfg.learner.minibatch_rows = max(1, math.ceil(len(item.rollout.step_index) / 4))
+        item, metrics, spent = one_iteration(policy, strategy, cursor, scorers[args.combine], cfg, optimizer,
+                                             rollout_gen, learn_gen, it, optimizer_steps=4)
+        if it == 0:
             print(group_spread(item.rewards["alignment"], item.rollout.sample_group), flush=True)
-        metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learn_gen, policy_version=it)
-        fe += item.rollout.forwards + 3 * metrics["learner_rows"] + metrics["recompute_rows"]
+        fe += spent
         rewards.append(metrics["reward_mean"])
         if (it + 1) % args.every == 0:
             recent = sum(rewards[-10:]) / len(rewards[-10:])
