@@ -133,11 +133,12 @@ def run_job(job: Job) -> dict:
 
     t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
     marks = [p * job.budget for p in CURVE_POINTS]
-    train_rewards, rows = [], 0
+    train_rewards = []
     while spent < job.budget:
         item, metrics, fe = one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen,
                                           iteration, job.optimizer_steps)  # every strategy: as many optimizer steps
-        rows = rows or len(item.rollout.step_index)
+        if iteration == 0:
+            rows = len(item.rollout.step_index)
         spent += fe
         train_rewards.append(metrics["reward_mean"])
         iteration += 1

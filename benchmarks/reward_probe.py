@@ -52,12 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     from egrpo_ray.models import build_policy
     from egrpo_ray.prompts import PromptCursor, prompt_splits
     from egrpo_ray.rewards.alignment import COMBINES, AlignmentReward
+    from egrpo_ray.training import make_reward_fn
 
-    def reward_fn(combine):
-        reward = AlignmentReward(combine=combine)
-        return lambda images, prompts: {"alignment": reward(images, prompts).float()}
-
-    scorers = {c: reward_fn(c) for c in COMBINES}
+    scorers = {c: make_reward_fn({"alignment": AlignmentReward(combine=c)}) for c in COMBINES}
     subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
     settings = ["learner.max_staleness=0", f"learner.lr={args.lr}", *subset, *args.settings]
     cfg = load_config(ROOT / "configs/tiny.yaml", settings)

@@ -87,8 +87,9 @@ def learn(
     rewards = {k: torch.cat([it.rewards[k] for it in items]) for k in items[0].rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
     alg = cfg.algorithm
-    adv = combine_rewards(rewards, weights, batch.sample_group, alg.multi_reward, alg.adv_eps, alg.adv_clip,  # the
-                          strategy.adv_std, strategy.adv_clip_order, strategy.adv_std_scope)  # source's defaults (s. 8)
+    # std, clip order and std scope: the strategy's source's defaults unless configured (algorithm.md s. 8)
+    adv = combine_rewards(rewards, weights, batch.sample_group, alg.multi_reward, alg.adv_eps, alg.adv_clip,
+                          strategy.adv_std, strategy.adv_clip_order, strategy.adv_std_scope)
     cond = policy.encode_prompts(batch.prompts)
     settings = UpdateSettings.from_config(alg, cfg.learner)
     on_policy = None
