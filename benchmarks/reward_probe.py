@@ -4,7 +4,8 @@ Trains the tiny model on configs/tiny.yaml (on-policy, 4 optimizer steps an iter
 loop) with the alignment reward combined as ``--combine`` (product: strict; mean: graded
 partial credit), and every ``--every`` iterations prints the FE spent, the mean rollout reward of the last 10
 iterations and the evaluation reward (ODE, fixed noise) under BOTH combinations, so a run trained on one can be
-judged by the other; first, the first rollout's within-group spread (do the groups rank samples?).
+judged by the other, with two things the reward does not see: background noise (egrpo_ray.quality) and the
+bright area (extra objects raise it); first, the first rollout's within-group spread (do the groups rank samples?).
 ``--train-count N`` trains on the first N training prompts and evaluates those over max(4, 32 / N) noise
 draws each (does RL fit them?); otherwise it trains on the config's training prompts and evaluates the
 held-out ones over 4 draws (does it generalise?).
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=20, help="evaluate every N iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-count", type=int, help="train on the first N training prompts and evaluate them")
+    p.add_argument("--grid", help="PNG: the first 16 evaluation images, base beside the latest evaluation's")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
@@ -48,13 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.compare_strategies import one_iteration
     from egrpo_ray.algo.strategies import build_strategy
     from egrpo_ray.config import load_config
-    from egrpo_ray.evaluate import heldout_reward
+    from egrpo_ray.evaluate import heldout_scores
     from egrpo_ray.models import build_policy
+    from egrpo_ray.outputs import save_comparison
     from egrpo_ray.prompts import PromptCursor, prompt_splits
-    from egrpo_ray.rewards.alignment import COMBINES, AlignmentReward
+    from egrpo_ray.rewards.alignment import COMBINES, AlignmentReward, object_stats
     from egrpo_ray.training import make_reward_fn
 
-    scorers = {c: make_reward_fn({"alignment": AlignmentReward(combine=c)}) for c in COMBINES}
+    train_reward = make_reward_fn({"alignment": AlignmentReward(combine=args.combine)})
+    both = make_reward_fn({c: AlignmentReward(combine=c) for c in COMBINES})  # evaluation: named by combination
     subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
     settings = ["learner.max_staleness=0", f"learner.lr={args.lr}", *subset, *args.settings]
     cfg = load_config(ROOT / "configs/tiny.yaml", settings)
@@ -64,8 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     train, heldout = prompt_splits(cfg.prompts)
     eval_prompts = train * max(4, 32 // len(train)) if args.train_count else heldout * 4
 
+    shown: list = []  # the first and the latest evaluation's images, for --grid
+
     def evaluate() -> str:
-        return " ".join(f"{c} {heldout_reward(policy, eval_prompts, f, cfg, 4242)[0]:.4f}" for c, f in scorers.items())
+        """Both combinations on the same images, and what the reward does not see: the background noise and
+        the bright area (px; spraying extra objects raises it)."""
+        scored = heldout_scores(policy, eval_prompts, both, cfg, 4242)
+        shown[1:] = [scored.images[:16]]
+        if args.grid:
+            save_comparison(shown[0], shown[-1], eval_prompts[:16], args.grid, labels=("base", "latest"))
+        area = object_stats(scored.images)["area"].mean().item()
+        return (" ".join(f"{c} {scored.per_prompt[c].mean().item():.4f}" for c in COMBINES)
+                + f" | background noise {scored.quality['background_noise']:.3f} area {area:.0f} px")
 
     params = [q for q in policy.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.learner.weight_decay)
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"iteration 0 FE 0 eval: {evaluate()}", flush=True)
     rewards, fe, start = [], 0.0, time.time()
     for it in range(args.iters):
-        item, metrics, spent = one_iteration(policy, strategy, cursor, scorers[args.combine], cfg, optimizer,
+        item, metrics, spent = one_iteration(policy, strategy, cursor, train_reward, cfg, optimizer,
                                              rollout_gen, learn_gen, it, optimizer_steps=4)
         if it == 0:
             print(group_spread(item.rewards["alignment"], item.rollout.sample_group), flush=True)

@@ -144,9 +144,11 @@ def validation_prompts(cfg: PromptsConfig) -> list[str]:
 
 
 def train_probe(train_prompts: Sequence[str], count: int = 24) -> list[str]:
-    """A fixed, evenly spread subset of the training prompts: scored before and after (ODE, fixed
-    noise) it tells whether training-prompt reward went up, without per-step prompt noise."""
-    return list(train_prompts[:: max(1, len(train_prompts) // count)][:count])
+    """``count`` images' prompts, evenly spread over the training prompts: scored before and after (ODE, fixed
+    noise) they tell whether training-prompt reward went up, without per-step prompt noise. Fewer prompts than
+    ``count`` are repeated (each repeat gets its own noise), so a small training set is not judged on one draw."""
+    spread = list(train_prompts[:: max(1, len(train_prompts) // count)][:count])
+    return [spread[i % len(spread)] for i in range(count)]
 
 
 @dataclass

@@ -218,7 +218,7 @@ def test_scene_splits():
 
 def test_prompt_sets_for_rl():
     from egrpo_ray.config import PromptsConfig
-    from egrpo_ray.prompts import prompt_splits, validation_prompts
+    from egrpo_ray.prompts import prompt_splits, train_probe, validation_prompts
 
     cfg = PromptsConfig(heldout_count=18)
     train, held = prompt_splits(cfg)
@@ -234,6 +234,9 @@ def test_prompt_sets_for_rl():
     assert sorted(prompt_splits(single)[1]) == sorted(shapes.heldout_prompts())
     few = PromptsConfig(heldout_count=18, train_count=5)  # a small fixed training set: a prefix, held-out unchanged
     assert prompt_splits(few) == (train[:5], held)
+    # the training-prompt probe: 24 images evenly spread; a small training set is repeated, not scored once
+    assert train_probe(train) == train[:: len(train) // 24][:24]
+    assert train_probe(train[:5]) == (train[:5] * 5)[:24]
 
 
 def test_train_count_cuts_a_prompt_file(tmp_path):

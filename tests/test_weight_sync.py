@@ -107,20 +107,23 @@ def test_sender_rejects_tensors_out_of_layout_order():
 def fleet(ray_cluster):
     """Per model dtype, started once: (weight store, a worker syncing through it, collective workers: two in
     float32, where the atomicity test uses them too, one in bfloat16)."""
-    from egrpo_ray.distributed.actors import ReplayQueue, WeightStore
+    from egrpo_ray.distributed.actors import start_run_actors
     from egrpo_ray.distributed.rollout import RolloutWorker
 
     started: dict = {}
+    held: list = []
 
     def get(dtype: str):
         if dtype not in started:
-            queue, store = ReplayQueue.remote(4, 0), WeightStore.remote()
+            run = f"weight-sync-{dtype}"
+            queue, store, log = start_run_actors(run, 4, 0)  # the workers find them by name; held here
             modes = ["object_store"] + ["collective"] * (2 if dtype == "float32" else 1)
             workers = [RolloutWorker.options(num_cpus=0).remote(
-                load_config(TINY, [f"model.dtype={dtype}", f"rollout.weight_sync={mode}"]).model_dump(), i, queue,
-                store, base_is_current=True) for i, mode in enumerate(modes)]
+                load_config(TINY, [f"model.dtype={dtype}", f"rollout.weight_sync={mode}", f"cluster.run_name={run}"])
+                .model_dump(), i, base_is_current=True) for i, mode in enumerate(modes)]
             ray.get([w.ready.remote() for w in workers])
             started[dtype] = store, workers[0], workers[1:]
+            held.append((queue, log))
         return started[dtype]
 
     yield get

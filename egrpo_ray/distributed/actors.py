@@ -1,6 +1,8 @@
 """The service's small stateful actors: the replay queue, the weight store and the run log.
 
-All three take no CPU (they only hold data), so they never compete with rollout and learning.
+All three take no CPU (they only hold data), so they never compete with rollout and learning. They are named
+after the run: a rollout worker looks them up (``run_actors``) instead of taking their handles as constructor
+arguments, which Ray flags for restartable actors (ray-project/ray#53727) and would re-send on every restart.
 """
 from __future__ import annotations
 
@@ -205,3 +207,21 @@ class RunLog:
 
     def should_stop(self) -> bool:
         return self.stop_requested
+
+
+def _actor_name(run: str, role: str) -> str:
+    return f"{run}-{role}"
+
+
+def start_run_actors(run: str, queue_capacity: int, max_staleness: int, produced_by_worker: dict | None = None):
+    """(queue, weight store, run log) for ``run``, named so that ``run_actors(run)`` finds them."""
+    queue = ReplayQueue.options(name=_actor_name(run, "queue")).remote(queue_capacity, max_staleness,
+                                                                       produced_by_worker, run=run)
+    store = WeightStore.options(name=_actor_name(run, "weights")).remote()
+    log = RunLog.options(name=_actor_name(run, "log")).remote(run=run)
+    return queue, store, log
+
+
+def run_actors(run: str):
+    """(queue, weight store, run log) of a run started by ``start_run_actors``."""
+    return tuple(ray.get_actor(_actor_name(run, role)) for role in ("queue", "weights", "log"))

@@ -144,6 +144,9 @@ def init_ray(cfg: ExperimentConfig, temp_dir: str | None = None, *, loopback: bo
     own_temp = temp_dir is None
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="egrpo_ray_", dir="/tmp")  # mode 0700
     restore = _private_cluster_env(temp_dir, loopback, token_auth)
+    # Train's preemption watcher follows node drains: a one-node cluster has none, and creating it prints
+    # Ray's ray-project/ray#53727 line on every run.
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     if loopback:  # gloo binds the address of the host name unless told the interface (torch's TCPStore: all, always)
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
     try:

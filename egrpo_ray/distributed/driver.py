@@ -152,7 +152,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from egrpo_ray.distributed.actors import ReplayQueue, RunLog, WeightStore
+    from egrpo_ray.distributed.actors import start_run_actors
     from egrpo_ray.distributed.cluster import (
         init_ray,
         shutdown_ray,
@@ -179,16 +179,14 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     try:
         validate_on_cluster(cfg)
         done_batches = meta.get("prompt_batches_by_worker", {})
-        queue = ReplayQueue.remote(cfg.learner.queue_capacity, cfg.learner.max_staleness, done_batches,
-                                   run=cfg.cluster.run_name)
-        store, log = WeightStore.remote(), RunLog.remote(run=cfg.cluster.run_name)
+        queue, store, log = start_run_actors(cfg.cluster.run_name, cfg.learner.queue_capacity,
+                                             cfg.learner.max_staleness, done_batches)
         # Actors start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
             RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                                   resources=cfg.rollout.resources, max_restarts=cfg.rollout.max_restarts,
                                   name=f"{cfg.cluster.run_name}-rollout-{i}").remote(
-                cfg.model_dump(), i, queue, store, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None,
-                log=log)
+                cfg.model_dump(), i, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None)
             for i in range(cfg.rollout.workers)
         ]
         deploy_rewards(cfg)

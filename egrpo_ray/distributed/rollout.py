@@ -25,6 +25,7 @@ import torch
 from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.config import ExperimentConfig
 from egrpo_ray.distributed import weight_sync
+from egrpo_ray.distributed.actors import run_actors
 from egrpo_ray.distributed.reward_service import remote_reward_fn, reward_handles
 from egrpo_ray.models import build_policy
 from egrpo_ray.models.base import policy_device
@@ -61,16 +62,16 @@ def batch_seed(seed: int, worker: int, batch: int) -> int:
 
 @ray.remote(concurrency_groups={"sync": 1, "control": 1})  # the collective sync's calls (and pid) run beside run()
 class RolloutWorker:
-    def __init__(self, cfg: dict, index: int, queue, store, batches_done: int = 0, base_is_current: bool = False,
-                 log=None):
+    def __init__(self, cfg: dict, index: int, batches_done: int = 0, base_is_current: bool = False):
         torch.set_num_threads(1)
         self.cfg = ExperimentConfig.model_validate(cfg)
-        self.index, self.queue, self.store, self.log = index, queue, store, log
+        self.index = index
+        self.queue, self.store, self.log = run_actors(self.cfg.cluster.run_name)
         with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if restarted:  # the constructor's arguments are the first start's: the queue knows how far we got
-            batches_done, base_is_current = ray.get(queue.produced.remote(index)), False
+            batches_done, base_is_current = ray.get(self.queue.produced.remote(index)), False
         # Sampling needs no float32 master copy: the weights run (and arrive) in the model dtype.
         policy = build_policy(self.cfg.model.model_copy(update={"master_dtype": None}))
         self.synced_names = list(policy.trainable_state())  # what a sync ships; read before freezing
@@ -106,8 +107,7 @@ class RolloutWorker:
         return os.getpid()
 
     def _report(self, message: str) -> None:
-        if self.log is not None:
-            self.log.failure.remote("reward_retries", message)
+        self.log.failure.remote("reward_retries", message)
 
     def sync_weights(self, at_least: int = 0) -> int:
         """Between batches: load newer weights if there are any; wait while ours are older than at_least
