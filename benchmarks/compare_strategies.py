@@ -110,7 +110,7 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe, validation_prompts
     from egrpo_ray.quality import image_quality
     from egrpo_ray.rewards import build_reward
-    from egrpo_ray.training import make_reward_fn
+    from egrpo_ray.training import make_optimizer, make_reward_fn
 
     cfg = load_config(CONFIG, COMMON + job.settings + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
     torch.manual_seed(cfg.seed)
@@ -120,8 +120,7 @@ def run_job(job: Job) -> dict:
     (train, heldout), validation = prompt_splits(cfg.prompts), validation_prompts(cfg.prompts)
     scored = validation if job.phase == "sweep" else heldout
     probe = train_probe(train, TRAIN_PROBE)  # fixed training prompts: does the run climb its own objective?
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+    optimizer = make_optimizer(policy, cfg.learner)
     cursor = PromptCursor(train, cfg.seed)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
     learner_gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -8,11 +8,12 @@ judged by the other, with two things the reward does not see: background noise (
 bright area (extra objects raise it); first, the first rollout's within-group spread (do the groups rank samples?).
 ``--train-count N`` trains on the first N training prompts and evaluates those over max(4, 32 / N) noise
 draws each (does RL fit them?); otherwise it trains on the config's training prompts and evaluates the
-held-out ones over 4 draws (does it generalise?).
+held-out ones over 4 draws (does it generalise?). ``--random-reward`` trains on rewards independent of the
+images (a control: what the optimizer alone does to them); ``--grid`` writes the base and latest images.
 Single-threaded (torch.set_num_threads(1)); docs/benchmarks.md section 1 quotes its figures.
 
-    OMP_NUM_THREADS=1 python benchmarks/reward_probe.py --combine mean --lr 1e-4 --iters 120 --train-count 1 \
-        --set 'prompts.tiny_train_kinds=[relation]' --set sampling.eta=0.3
+    OMP_NUM_THREADS=1 python benchmarks/reward_probe.py --combine product --lr 1e-5 --iters 120 --train-count 1 \
+        --set 'prompts.tiny_train_kinds=[relation]' --set sampling.eta=0.3 --grid one-prompt.png
 """
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def group_spread(rewards, group) -> str:
             f"within-group std {sum(spreads) / len(spreads):.4f}")
 
 
+def random_reward(seed: int):
+    """A control: rewards drawn uniformly, independent of the images. What training does to the images then
+    is the optimizer's own doing (the policy gradient's noise), not the reward's."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return lambda images, prompts: torch.rand(len(prompts), generator=generator)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--combine", choices=["product", "mean"], default="product", help="the training reward")
@@ -40,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=20, help="evaluate every N iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-count", type=int, help="train on the first N training prompts and evaluate them")
+    p.add_argument("--random-reward", action="store_true", help="control: train on rewards independent of the images")
     p.add_argument("--grid", help="PNG: the first 16 evaluation images, base beside the latest evaluation's")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
@@ -55,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     from egrpo_ray.outputs import save_comparison
     from egrpo_ray.prompts import PromptCursor, prompt_splits
     from egrpo_ray.rewards.alignment import COMBINES, AlignmentReward, object_stats
-    from egrpo_ray.training import make_reward_fn
+    from egrpo_ray.training import make_optimizer, make_reward_fn
 
-    train_reward = make_reward_fn({"alignment": AlignmentReward(combine=args.combine)})
+    train_reward = make_reward_fn({"alignment": random_reward(args.seed) if args.random_reward
+                                   else AlignmentReward(combine=args.combine)})
     both = make_reward_fn({c: AlignmentReward(combine=c) for c in COMBINES})  # evaluation: named by combination
     subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
     settings = ["learner.max_staleness=0", f"learner.lr={args.lr}", *subset, *args.settings]
@@ -81,11 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         return (" ".join(f"{c} {scored.per_prompt[c].mean().item():.4f}" for c in COMBINES)
                 + f" | background noise {scored.quality['background_noise']:.3f} area {area:.0f} px")
 
-    params = [q for q in policy.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.learner.weight_decay)
+    optimizer = make_optimizer(policy, cfg.learner)
     cursor = PromptCursor(train, args.seed)
     rollout_gen, learn_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
-    print(f"train on {args.combine}, lr {args.lr}, seed {args.seed}, {args.settings or 'configs/tiny.yaml'}; "
+    print(f"train on {'random rewards' if args.random_reward else args.combine}, lr {args.lr}, seed {args.seed}, {args.settings or 'configs/tiny.yaml'}; "
           f"evaluating {'training' if args.train_count else 'held-out'} prompts x draws = {len(eval_prompts)}", flush=True)
     print(f"iteration 0 FE 0 eval: {evaluate()}", flush=True)
     rewards, fe, start = [], 0.0, time.time()

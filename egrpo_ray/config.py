@@ -209,6 +209,7 @@ class LearnerConfig(Strict):
     epochs: Int = Field(1, ge=1, le=100)  # passes over each batch
     lr: Float = Field(2e-6, gt=0, le=1)
     weight_decay: Float = Field(1e-4, ge=0)
+    adam_eps: Float = Field(1e-8, gt=0, le=1)  # AdamW's epsilon (torch's default); docs/benchmarks.md section 1
     grad_clip: Float = Field(1.0, gt=0)
     max_staleness: Int = Field(0, ge=0)
     queue_capacity: Int = Field(64, ge=1)

@@ -21,7 +21,7 @@ from egrpo_ray.rewards import build_reward
 from egrpo_ray.algo.update import step_seed
 from egrpo_ray.evaluate import heldout_scores
 from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe
-from egrpo_ray.training import learn, make_reward_fn, reference_model, sample_and_score
+from egrpo_ray.training import learn, make_optimizer, make_reward_fn, reference_model, sample_and_score
 
 
 def reference_update(policy, items, cfg: ExperimentConfig, strategy, optimizer, step: int, ref_fn=None) -> dict[str, float]:
@@ -41,8 +41,7 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
     reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
     train_prompts, heldout = prompt_splits(cfg.prompts)
     cursor = PromptCursor(train_prompts, cfg.seed)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+    optimizer = make_optimizer(policy, cfg.learner)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
     writer = MetricsWriter(output_dir) if output_dir else None
     heldout_writer = MetricsWriter(output_dir, "heldout.jsonl") if output_dir else None

@@ -14,7 +14,7 @@ from egrpo_ray.algo.advantages import combine_rewards
 from egrpo_ray.algo.sampler import Rollout
 from egrpo_ray.algo.strategies import Strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
-from egrpo_ray.config import ExperimentConfig
+from egrpo_ray.config import ExperimentConfig, LearnerConfig
 from egrpo_ray.models.base import AdaptersDisabled, Policy, policy_device
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
@@ -41,6 +41,12 @@ def make_reward_fn(rewards: Mapping[str, Callable]) -> RewardFn:
         return {name: reward(images, prompts).float() for name, reward in rewards.items()}
 
     return score
+
+
+def make_optimizer(policy: torch.nn.Module, learner: LearnerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, as the config's learner section sets it (every loop builds this one)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=learner.lr, weight_decay=learner.weight_decay, eps=learner.adam_eps)
 
 
 @torch.no_grad()

@@ -69,6 +69,20 @@ def test_overrides_apply_and_defaults_validate(tmp_path):
         load_config(None, ["learner.lr=0"])
 
 
+def test_optimizer_follows_the_learner_section():
+    import torch
+
+    from egrpo_ray.training import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)  # frozen (a LoRA base): not optimised
+    learner = load_config(None, ["learner.lr=3e-4", "learner.adam_eps=1e-5", "learner.weight_decay=0.01"]).learner
+    group = make_optimizer(model, learner).param_groups[0]
+    assert (group["lr"], group["eps"], group["weight_decay"]) == (3e-4, 1e-5, 0.01)
+    assert [p.shape for p in group["params"]] == [p.shape for p in model[1].parameters()]
+    assert load_config(None).learner.adam_eps == 1e-8  # torch's default unless set
+
+
 def test_every_shipped_config_validates():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)

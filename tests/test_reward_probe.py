@@ -23,3 +23,13 @@ def test_probe_scores_both_combinations_with_fixed_noise(capsys, tmp_path):
     assert int(re.search(r"FE (\d+) rollout", lines[-1]).group(1)) > 0
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert re.search(r"first rollout: \d+ groups, reward mean [0-9.]+, within-group std [0-9.]+", lines[2])
+
+
+def test_random_reward_control_trains_on_rewards_blind_to_the_images(capsys):
+    probe.main(["--random-reward", "--lr", "1e-12", "--iters", "1", "--every", "1", "--train-count", "1",
+                "--set", "sampling.eta=0.3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("train on random rewards")
+    rewards = probe.random_reward(0)(None, ["p"] * 1000)
+    assert 0 <= rewards.min() and rewards.max() < 1 and abs(rewards.mean().item() - 0.5) < 0.05
+    assert "eval: product" in lines[-1]  # the evaluation still scores the real reward

@@ -16,6 +16,7 @@ BASE = [
     "learner.prompts_per_step=4", "rollout.prompts_per_batch=2", "algorithm.group_size=8",
     "learner.checkpoint_every=3", "logging.grid_every=3", "learner.max_staleness=0",
     "algorithm.old_logprob=recompute", "prompts.tiny_train_kinds=[single]",  # where 6 steps move the probe
+    "learner.lr=3e-5",  # faster than the default 1e-5: 6 steps must move the probe
 ]
 
 
@@ -44,6 +45,7 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     for w in summary["rollout_workers"]:
         assert w["versions_loaded"] == sorted(w["versions_loaded"]) and len(set(w["versions_loaded"])) >= 3
     assert summary["heldout_reward_before"] is not None and summary["heldout_reward_after"] is not None
+    assert 0 <= summary["background_noise_before"] <= 1 and 0 <= summary["background_noise_after"] <= 1
     assert (out / "reward_curve.png").exists() and (out / "grids" / "heldout_before.png").exists()
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == "step_000006" and (ckpt / "state" / ".metadata").exists()

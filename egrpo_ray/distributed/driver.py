@@ -383,6 +383,8 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
         "heldout_reward_after": heldout.get("after", {}).get("heldout_reward"),
         "train_probe_reward_before": heldout.get("before", {}).get("train_probe_reward"),
         "train_probe_reward_after": heldout.get("after", {}).get("train_probe_reward"),
+        "background_noise_before": heldout.get("before", {}).get("quality_background_noise"),
+        "background_noise_after": heldout.get("after", {}).get("quality_background_noise"),
         "train_reward_first": records[0]["reward_mean"] if records else None,
         "train_reward_last": records[-1]["reward_mean"] if records else None,
         "metrics": str(out / "metrics.jsonl"),
@@ -413,10 +415,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"egrpo-ray: error: {summary['error']} at step {summary['steps_completed']}; resume with --resume",
               file=sys.stderr)
         return 1
-    before, after = summary["heldout_reward_before"], summary["heldout_reward_after"]
     print(f"\ndone in {summary['wall_seconds']:.0f} s: {summary['steps_completed']} learner steps")
-    if before is not None and after is not None:
-        print(f"held-out reward: {before:.4f} -> {after:.4f}")
+    for label, key in (("held-out reward", "heldout_reward"), ("training-prompt reward", "train_probe_reward"),
+                       ("background noise (not rewarded: drift the reward cannot see)", "background_noise")):
+        before, after = summary[f"{key}_before"], summary[f"{key}_after"]
+        if before is not None and after is not None:
+            print(f"{label}: {before:.4f} -> {after:.4f}")
     failures = {k: v for k, v in summary["failures"].items() if v}
     if failures:
         print("faults survived: " + ", ".join(f"{k} {v}" for k, v in failures.items()))

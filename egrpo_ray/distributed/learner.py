@@ -46,7 +46,7 @@ from egrpo_ray.parallel import (
     prepare_reference,
 )
 from egrpo_ray.prompts import prompt_splits, train_probe
-from egrpo_ray.training import learn, reference_model
+from egrpo_ray.training import learn, make_optimizer, reference_model
 
 MAXED = ("grad_norm", "logprob_mismatch")  # the worst rank; counts add up; the rest average
 ADDED = ("groups", "samples", "learner_rows", "recompute_rows")
@@ -143,8 +143,7 @@ class Learner:
             prepare_reference(self.reference, cfg.learner.parallelism, dtype, device)
         self.fn = prepare_for_training(self.policy, cfg.learner.parallelism, dtype, device)
         self.sharded = is_sharded(self.policy)
-        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
-                                           lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        self.optimizer = make_optimizer(self.policy, cfg.learner)
         self.strategy = build_strategy(cfg.sampling, cfg.algorithm)
         self.step = self.version = 0
         self.attempt = self._restore(config.get("resume_from"))
