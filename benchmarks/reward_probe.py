@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = make_optimizer(policy, cfg.learner)
     cursor = PromptCursor(train, args.seed)
     rollout_gen, learn_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
-    print(f"train on {'random rewards' if args.random_reward else args.combine}, lr {args.lr}, seed {args.seed}, {args.settings or 'configs/tiny.yaml'}; "
-          f"evaluating {'training' if args.train_count else 'held-out'} prompts x draws = {len(eval_prompts)}", flush=True)
+    trained_on = "random rewards" if args.random_reward else args.combine
+    print(f"train on {trained_on}, lr {args.lr}, seed {args.seed}, {args.settings or 'configs/tiny.yaml'}; evaluating "
+          f"{'training' if args.train_count else 'held-out'} prompts x draws = {len(eval_prompts)}", flush=True)
     print(f"iteration 0 FE 0 eval: {evaluate()}", flush=True)
     rewards, fe, start = [], 0.0, time.time()
     for it in range(args.iters):
