@@ -80,15 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     train, heldout = prompt_splits(cfg.prompts)
     eval_prompts = train * max(4, 32 // len(train)) if args.train_count else heldout * 4
 
-    shown: list = []  # the first and the latest evaluation's images, for --grid
+    shown: dict = {}  # the first evaluation's images, beside which --grid shows the latest
 
     def evaluate() -> str:
         """Both combinations on the same images, and what the reward does not see: the background noise and
         the bright area (px; spraying extra objects raises it)."""
         scored = heldout_scores(policy, eval_prompts, both, cfg, 4242)
-        shown[1:] = [scored.images[:16]]
+        latest = scored.images[:16]
         if args.grid:
-            save_comparison(shown[0], shown[-1], eval_prompts[:16], args.grid, labels=("base", "latest"))
+            save_comparison(shown.setdefault("base", latest), latest, eval_prompts[:16], args.grid,
+                            labels=("base", "latest"))
         area = object_stats(scored.images)["area"].mean().item()
         return (" ".join(f"{c} {scored.per_prompt[c].mean().item():.4f}" for c in COMBINES)
                 + f" | background noise {scored.quality['background_noise']:.3f} area {area:.0f} px")
