@@ -1,0 +1,155 @@
+"""How much of a policy gradient is signal? The gradient noise scale of the tiny task, in prompt rollouts.
+
+Samples ``--rollouts`` independent prompt rollouts (one prompt each: E-GRPO's groups of G images, one group per
+merged step) from one fixed policy, takes each rollout's on-policy loss gradient g_i (no optimizer step), and from the Gram matrix K_ij = g_i . g_j estimates
+- |G|^2, the squared norm of the true gradient: the mean of g_i . g_j over pairs i != j (unbiased);
+- tr(S), the noise of one rollout's gradient: the mean of |g_i|^2 minus |G|^2;
+- B_noise = tr(S) / |G|^2, the "simple noise scale" of McCandlish et al. (2018, An Empirical Model of
+  Large-Batch Training): a minibatch of B rollouts has signal |G|^2 against noise tr(S) / B, so below
+  B_noise rollouts a step is mostly noise. Adam divides every coordinate by its own running scale, so a
+  larger minibatch does not shrink its steps' noise part; SGD's does.
+The 95% intervals come from a bootstrap over rollouts (pairs of the same resampled rollout left out). A random
+reward (``--random-reward``, rewards independent of the images) is the control: its |G|^2 must be ~0.
+Single-threaded; docs/benchmarks.md section 1 (probe 9) quotes its figures.
+
+    OMP_NUM_THREADS=1 python benchmarks/gradient_noise.py --rollouts 96
+    OMP_NUM_THREADS=1 python benchmarks/gradient_noise.py --rollouts 96 --train-count 1 \\
+        --set 'prompts.tiny_train_kinds=[relation]'
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.compare_strategies import STRATEGIES  # noqa: E402\nfrom benchmarks.reward_probe import random_reward  # noqa: E402
+
+
+def rollout_gradient(policy, strategy, cfg, item) -> "torch.Tensor":
+    """The flattened gradient of one rollout's on-policy loss (ratio 1: the sampler's log-probs are the old ones)."""
+    import torch
+
+    from egrpo_ray.algo.advantages import combine_rewards
+    from egrpo_ray.algo.loss import grpo_loss
+
+    alg, batch = cfg.algorithm, item.rollout
+    adv = combine_rewards(item.rewards, {r.name: r.weight for r in cfg.rewards}, batch.sample_group,
+                          alg.multi_reward, alg.adv_eps, alg.adv_clip, strategy.adv_std, strategy.adv_clip_order,
+                          strategy.adv_std_scope)
+    policy.zero_grad(set_to_none=True)
+    out = grpo_loss(policy, policy.encode_prompts(batch.prompts), batch, adv, strategy.kernel, alg.clip_range)
+    out.loss.backward()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+
+def noise_scale(gram, idx=None) -> tuple[float, float]:
+    """(|G|^2, tr(S)) from the Gram matrix of per-rollout gradients, over the rollouts ``idx`` (a resample)."""
+    import torch
+
+    n = gram.shape[0]
+    idx = torch.arange(n) if idx is None else idx
+    sub = gram[idx][:, idx]
+    distinct = idx[:, None] != idx[None, :]  # a resampled rollout paired with itself is not an independent pair
+    signal = float(sub[distinct].mean())
+    return signal, float(sub.diagonal().mean()) - signal
+
+
+def compare(paths: list[str]) -> None:
+    """Cosines between strategies' expected gradients. Means of independent rollouts: mean_a . mean_b is unbiased
+    for G_a . G_b, and each |G|^2 is the unbiased pair estimate, so noise does not pull the cosine toward 0."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    saved = {Path(p).stem: load_file(p) for p in paths}
+    names = list(saved)
+    print("cosine of expected gradients (unbiased; |cos| > 1 means the signals are too noisy to tell)")
+    print(" " * 14 + "".join(f"{b:>14}" for b in names))
+    for a in names:
+        row = []
+        for b in names:
+            dot = float(saved[a]["mean"].double() @ saved[b]["mean"].double())
+            both = float(saved[a]["signal"] * saved[b]["signal"])  # <= 0: a signal estimate is not above 0
+            row.append(1.0 if a == b else dot / both ** 0.5 if both > 0 else float("nan"))
+        print(f"{a:>14}" + "".join(f"{c:>14.2f}" for c in row))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rollouts", type=int, default=96, help="independent prompt rollouts")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default="egrpo", help="compare_strategies.py's settings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-count", type=int, help="only the first N training prompts")
+    p.add_argument("--random-reward", action="store_true", help="control: rewards independent of the images")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--save-mean", metavar="PATH", help="safetensors: the mean gradient and the rollout count (for "
+                   "`--compare`: how far two strategies' expected gradients agree)")
+    p.add_argument("--compare", nargs="+", metavar="PATH", help="print the cosines between saved mean gradients")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    if args.compare:
+        return compare(args.compare)
+
+    torch.set_num_threads(1)
+    from egrpo_ray.algo.strategies import build_strategy
+    from egrpo_ray.config import load_config
+    from egrpo_ray.models import build_policy
+    from egrpo_ray.prompts import PromptCursor, prompt_splits
+    from egrpo_ray.rewards import build_reward
+    from egrpo_ray.training import make_reward_fn, sample_and_score
+
+    subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
+    cfg = load_config(ROOT / "configs/tiny.yaml", STRATEGIES[args.strategy] + subset + args.settings)
+    torch.manual_seed(args.seed)
+    policy = build_policy(cfg.model)
+    strategy = build_strategy(cfg.sampling, cfg.algorithm)
+    rewards = {r.name: random_reward(args.seed) if args.random_reward else build_reward(r) for r in cfg.rewards}
+    reward_fn = make_reward_fn(rewards)
+    train, _ = prompt_splits(cfg.prompts)
+    cursor, generator = PromptCursor(train, args.seed), torch.Generator().manual_seed(args.seed)
+    n = args.rollouts
+    grads = torch.zeros(n, sum(p.numel() for p in policy.parameters() if p.requires_grad))
+    fe, start = 0, time.time()
+    for i in tqdm(range(n), desc="rollout gradients", disable=None):
+        item = sample_and_score(policy, strategy, cursor.take(1), reward_fn, generator, i, policy_version=0)
+        fe += item.rollout.forwards + 3 * len(item.rollout.step_index)  # sampling, then one forward+backward a row
+        grads[i] = rollout_gradient(policy, strategy, cfg, item)
+    gram = (grads @ grads.T).double()  # float32 products: their error is ~1e-6 of |g|^2, the signal ~4e-3 of it
+    signal, noise = noise_scale(gram)
+    boot = torch.Generator().manual_seed(args.seed)
+    draws = torch.tensor([noise_scale(gram, torch.randint(0, n, (n,), generator=boot)) for _ in range(args.bootstrap)])
+    sig, scale = draws[:, 0], torch.where(draws[:, 0] > 0, draws[:, 1] / draws[:, 0], torch.inf)
+    half = n // 2
+    cosine = float(torch.nn.functional.cosine_similarity(grads[:half].mean(0), grads[half:2 * half].mean(0), dim=0))
+    b_noise = noise / signal if signal > 0 else float("inf")
+
+    def ci(x: torch.Tensor) -> str:
+        ordered = x.sort().values  # percentile bootstrap; inf sorts last
+        lo, hi = (float(ordered[min(len(x) - 1, int(q * len(x)))]) for q in (0.025, 0.975))
+        return f"[{lo:.3g}, {hi:.3g}]"
+
+    print(f"{args.strategy} on {'random rewards' if args.random_reward else '+'.join(rewards)}, "
+          f"{args.settings or 'configs/tiny.yaml'}, {n} rollouts, {fe / n:.0f} FE each, {time.time() - start:.0f} s")
+    print(f"per-rollout gradient norm: median {float(grads.norm(dim=1).median()):.4g}")
+    print(f"|G|^2 (signal) {signal:.4g} {ci(sig)}; tr(S) (noise per rollout) {noise:.4g}")
+    print(f"B_noise = tr(S)/|G|^2 = {b_noise:.3g} rollouts, 95% CI {ci(scale)} "
+          f"(infinite where the resampled signal is <= 0: {int((sig <= 0).sum())} of {len(sig)})")
+    print(f"cosine between the mean gradients of the two halves ({half} rollouts each): {cosine:.3f}")
+    if args.save_mean:
+        from safetensors.torch import save_file
+
+        save_file({"mean": grads.mean(0), "signal": torch.tensor(signal), "rollouts": torch.tensor(n)}, args.save_mean)
+    print(f"FE for one signal-dominated step (B_noise rollouts): {b_noise * fe / n:.3g}, 95% CI "
+          f"{ci(scale * fe / n)}")
+
+
+if __name__ == "__main__":
+    main()
