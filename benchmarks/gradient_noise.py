@@ -58,6 +58,26 @@ def noise_scale(gram, idx=None) -> tuple[float, float]:
     return signal, float(sub.diagonal().mean()) - signal
 
 
+def by_module(policy, grads, signal: float, noise: float) -> None:
+    """Each module's share of the signal and of the noise, and its own B_noise (point estimates): a module whose
+    share of the signal exceeds its share of the noise is where a step's useful part lands."""
+    import torch
+
+    sizes: dict[str, int] = {}
+    for name, param in policy.named_parameters():
+        if param.requires_grad:
+            module = ".".join(name.rsplit(".", 1)[0].split(".")[:3])
+            sizes[module] = sizes.get(module, 0) + param.numel()
+    print(f"{'module':<48}{'params':>9}{'signal %':>10}{'noise %':>9}{'B_noise':>10}")
+    offset = 0
+    for module, size in sizes.items():
+        part = grads[:, offset:offset + size]
+        offset += size
+        s, nz = noise_scale((part @ part.T).double())
+        print(f"{module:<48}{size:>9}{100 * s / signal:>10.1f}{100 * nz / noise:>9.1f}"
+              f"{nz / s if s > 0 else float('inf'):>10.3g}")
+
+
 def compare(paths: list[str]) -> None:
     """Cosines between strategies' expected gradients. Means of independent rollouts: mean_a . mean_b is unbiased
     for G_a . G_b, and each |G|^2 is the unbiased pair estimate, so noise does not pull the cosine toward 0."""
@@ -88,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--save-mean", metavar="PATH", help="safetensors: the mean gradient and the rollout count (for "
                    "`--compare`: how far two strategies' expected gradients agree)")
+    p.add_argument("--by-module", action="store_true", help="also split signal and noise by module: where is the signal?")
     p.add_argument("--compare", nargs="+", metavar="PATH", help="print the cosines between saved mean gradients")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
@@ -143,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"B_noise = tr(S)/|G|^2 = {b_noise:.3g} rollouts, 95% CI {ci(scale)} "
           f"(infinite where the resampled signal is <= 0: {int((sig <= 0).sum())} of {len(sig)})")
     print(f"cosine between the mean gradients of the two halves ({half} rollouts each): {cosine:.3f}")
+    if args.by_module:
+        by_module(policy, grads, signal, noise)
     if args.save_mean:
         from safetensors.torch import save_file
 
