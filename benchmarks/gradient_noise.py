@@ -58,6 +58,28 @@ def noise_scale(gram, idx=None) -> tuple[float, float]:
     return signal, float(sub.diagonal().mean()) - signal
 
 
+def resampled(gram, draws: int, seed: int) -> "torch.Tensor":
+    """[draws, 2]: (|G|^2, tr(S)) over bootstrap resamples of the rollouts."""
+    import torch
+
+    boot, n = torch.Generator().manual_seed(seed), gram.shape[0]
+    return torch.tensor([noise_scale(gram, torch.randint(0, n, (n,), generator=boot)) for _ in range(draws)])
+
+
+def ratio(num, den) -> "torch.Tensor":
+    """num / den elementwise for noise / signal: infinite where the signal is not above 0."""
+    import torch
+
+    return torch.where(den > 0, num / den, torch.inf)
+
+
+def ci(x) -> str:
+    """The 95% percentile interval of bootstrap draws (inf sorts last; an undetermined inf / inf counts as inf)."""
+    ordered = x.nan_to_num(nan=float("inf")).sort().values
+    lo, hi = (float(ordered[min(len(x) - 1, int(q * len(x)))]) for q in (0.025, 0.975))
+    return f"[{lo:.3g}, {hi:.3g}]"
+
+
 def by_module(policy, grads, signal: float, noise: float) -> None:
     """Each module's share of the signal and of the noise, and its own B_noise (point estimates): a module whose
     share of the signal exceeds its share of the noise is where a step's useful part lands."""
@@ -78,24 +100,35 @@ def by_module(policy, grads, signal: float, noise: float) -> None:
               f"{nz / s if s > 0 else float('inf'):>10.3g}")
 
 
-def compare(paths: list[str]) -> None:
-    """Cosines between strategies' expected gradients. Means of independent rollouts: mean_a . mean_b is unbiased
-    for G_a . G_b, and each |G|^2 is the unbiased pair estimate, so noise does not pull the cosine toward 0."""
-    from pathlib import Path
-
+def compare(paths: list[str], draws: int) -> None:
+    """FE per signal-dominated step of each saved run against the first's (independent bootstrap resamples of
+    both), then the cosines between their expected gradients: mean_a . mean_b over independent rollouts is
+    unbiased for G_a . G_b and each |G|^2 is the unbiased pair estimate, so noise does not pull the cosine to 0."""
     from safetensors.torch import load_file
 
     saved = {Path(p).stem: load_file(p) for p in paths}
-    names = list(saved)
-    print("cosine of expected gradients (unbiased; |cos| > 1 means the signals are too noisy to tell)")
-    print(" " * 14 + "".join(f"{b:>14}" for b in names))
+    names, first = list(saved), next(iter(saved))
+    signal, cost, cost_draws = {}, {}, {}
+    for i, (name, run) in enumerate(saved.items()):
+        fe = float(run["fe_per_rollout"])
+        signal[name], noise = noise_scale(run["gram"])
+        cost[name] = noise / signal[name] * fe if signal[name] > 0 else float("inf")
+        both = resampled(run["gram"], draws, i)
+        cost_draws[name] = ratio(both[:, 1], both[:, 0]) * fe
+    print(f"{'run':<16}{'rollouts':>9}{'FE/rollout':>11}  FE per signal-dominated step (95% CI)  / {first}'s (95% CI)")
+    for name in names:
+        against = "" if name == first else f"{cost[name] / cost[first]:.2f} {ci(cost_draws[name] / cost_draws[first])}"
+        print(f"{name:<16}{saved[name]['gram'].shape[0]:>9}{float(saved[name]['fe_per_rollout']):>11.0f}  "
+              f"{cost[name]:>9.3g} {ci(cost_draws[name]):<28}{against}")
+    print("\ncosine of expected gradients (nan: a signal estimate is not above 0)")
+    print(" " * 16 + "".join(f"{b:>16}" for b in names))
     for a in names:
         row = []
         for b in names:
             dot = float(saved[a]["mean"].double() @ saved[b]["mean"].double())
-            both = float(saved[a]["signal"] * saved[b]["signal"])  # <= 0: a signal estimate is not above 0
+            both = signal[a] * signal[b]
             row.append(1.0 if a == b else dot / both ** 0.5 if both > 0 else float("nan"))
-        print(f"{a:>14}" + "".join(f"{c:>14.2f}" for c in row))
+        print(f"{a:<16}" + "".join(f"{c:>16.2f}" for c in row))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     if args.compare:
-        return compare(args.compare)
+        return compare(args.compare, args.bootstrap)
 
     torch.set_num_threads(1)
     from egrpo_ray.algo.strategies import build_strategy
@@ -145,17 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         grads[i] = rollout_gradient(policy, strategy, cfg, item)
     gram = (grads @ grads.T).double()  # float32 products: their error is ~1e-6 of |g|^2, the signal ~4e-3 of it
     signal, noise = noise_scale(gram)
-    boot = torch.Generator().manual_seed(args.seed)
-    draws = torch.tensor([noise_scale(gram, torch.randint(0, n, (n,), generator=boot)) for _ in range(args.bootstrap)])
-    sig, scale = draws[:, 0], torch.where(draws[:, 0] > 0, draws[:, 1] / draws[:, 0], torch.inf)
+    draws = resampled(gram, args.bootstrap, args.seed)
+    sig, scale = draws[:, 0], ratio(draws[:, 1], draws[:, 0])
     half = n // 2
     cosine = float(torch.nn.functional.cosine_similarity(grads[:half].mean(0), grads[half:2 * half].mean(0), dim=0))
     b_noise = noise / signal if signal > 0 else float("inf")
-
-    def ci(x: torch.Tensor) -> str:
-        ordered = x.sort().values  # percentile bootstrap; inf sorts last
-        lo, hi = (float(ordered[min(len(x) - 1, int(q * len(x)))]) for q in (0.025, 0.975))
-        return f"[{lo:.3g}, {hi:.3g}]"
 
     print(f"{args.strategy} on {'random rewards' if args.random_reward else '+'.join(rewards)}, "
           f"{args.settings or 'configs/tiny.yaml'}, {n} rollouts, {fe / n:.0f} FE each, {time.time() - start:.0f} s")
@@ -169,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.save_mean:
         from safetensors.torch import save_file
 
-        save_file({"mean": grads.mean(0), "signal": torch.tensor(signal), "rollouts": torch.tensor(n)}, args.save_mean)
+        save_file({"mean": grads.mean(0), "gram": gram, "fe_per_rollout": torch.tensor(fe / n)}, args.save_mean)
     print(f"FE for one signal-dominated step (B_noise rollouts): {b_noise * fe / n:.3g}, 95% CI "
           f"{ci(scale * fe / n)}")
 
