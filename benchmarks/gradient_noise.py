@@ -63,7 +63,8 @@ def resampled(gram, draws: int, seed: int) -> "torch.Tensor":
     import torch
 
     boot, n = torch.Generator().manual_seed(seed), gram.shape[0]
-    return torch.tensor([noise_scale(gram, torch.randint(0, n, (n,), generator=boot)) for _ in range(draws)])
+    return torch.tensor([noise_scale(gram, torch.randint(0, n, (n,), generator=boot)) for _ in range(draws)],
+                        dtype=torch.float64)
 
 
 def ratio(num, den) -> "torch.Tensor":
@@ -75,7 +76,7 @@ def ratio(num, den) -> "torch.Tensor":
 
 def ci(x) -> str:
     """The 95% percentile interval of bootstrap draws (inf sorts last; an undetermined inf / inf counts as inf)."""
-    ordered = x.nan_to_num(nan=float("inf")).sort().values
+    ordered = x.nan_to_num(nan=float("inf"), posinf=float("inf")).sort().values
     lo, hi = (float(ordered[min(len(x) - 1, int(q * len(x)))]) for q in (0.025, 0.975))
     return f"[{lo:.3g}, {hi:.3g}]"
 
@@ -101,13 +102,14 @@ def by_module(policy, grads, signal: float, noise: float) -> None:
 
 
 def compare(paths: list[str], draws: int) -> None:
-    """FE per signal-dominated step of each saved run against the first's (independent bootstrap resamples of
-    both), then the cosines between their expected gradients: mean_a . mean_b over independent rollouts is
-    unbiased for G_a . G_b and each |G|^2 is the unbiased pair estimate, so noise does not pull the cosine to 0."""
+    """Each saved run against the first: its FE per signal-dominated step, the ratio to the first's (independent
+    bootstrap resamples of both) and the cosine between their expected gradients (mean_a . mean_b is unbiased
+    for G_a . G_b and each |G|^2 is the unbiased pair estimate, so noise does not pull it toward 0). Both assume
+    independent rollouts: give the first run a seed no other run uses (the same seed shares initial noise)."""
     from safetensors.torch import load_file
 
     saved = {Path(p).stem: load_file(p) for p in paths}
-    names, first = list(saved), next(iter(saved))
+    first = next(iter(saved))
     signal, cost, cost_draws = {}, {}, {}
     for i, (name, run) in enumerate(saved.items()):
         fe = float(run["fe_per_rollout"])
@@ -115,20 +117,19 @@ def compare(paths: list[str], draws: int) -> None:
         cost[name] = noise / signal[name] * fe if signal[name] > 0 else float("inf")
         both = resampled(run["gram"], draws, i)
         cost_draws[name] = ratio(both[:, 1], both[:, 0]) * fe
-    print(f"{'run':<16}{'rollouts':>9}{'FE/rollout':>11}  FE per signal-dominated step (95% CI)  / {first}'s (95% CI)")
-    for name in names:
-        against = "" if name == first else f"{cost[name] / cost[first]:.2f} {ci(cost_draws[name] / cost_draws[first])}"
-        print(f"{name:<16}{saved[name]['gram'].shape[0]:>9}{float(saved[name]['fe_per_rollout']):>11.0f}  "
-              f"{cost[name]:>9.3g} {ci(cost_draws[name]):<28}{against}")
-    print("\ncosine of expected gradients (nan: a signal estimate is not above 0)")
-    print(" " * 16 + "".join(f"{b:>16}" for b in names))
-    for a in names:
-        row = []
-        for b in names:
-            dot = float(saved[a]["mean"].double() @ saved[b]["mean"].double())
-            both = signal[a] * signal[b]
-            row.append(1.0 if a == b else dot / both ** 0.5 if both > 0 else float("nan"))
-        print(f"{a:<16}" + "".join(f"{c:>16.2f}" for c in row))
+    print(f"{'run':<16}{'rollouts':>9}{'FE/rollout':>11}  {'FE per signal-dominated step (95% CI)':<38}"
+          f"{'/ ' + first + ' (95% CI)':<28}cosine of expected gradients with {first}")
+    for name, run in saved.items():
+        against, cosine = "", "nan (a signal is not above 0)"
+        if name == first:
+            cosine = ""
+        elif signal[name] > 0 and signal[first] > 0:
+            dot = float(run["mean"].double() @ saved[first]["mean"].double())
+            cosine = f"{dot / (signal[name] * signal[first]) ** 0.5:.2f}"
+        if name != first:
+            against = f"{cost[name] / cost[first]:.2f} {ci(cost_draws[name] / cost_draws[first])}"
+        print(f"{name:<16}{run['gram'].shape[0]:>9}{float(run['fe_per_rollout']):>11.0f}  "
+              f"{f'{cost[name]:.3g} {ci(cost_draws[name])}':<38}{against:<28}{cosine}")
 
 
 def main(argv: list[str] | None = None) -> None:
