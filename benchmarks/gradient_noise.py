@@ -1,20 +1,22 @@
 """How much of a policy gradient is signal? The gradient noise scale of the tiny task, in prompt rollouts.
 
-Samples ``--rollouts`` independent prompt rollouts (one prompt each: E-GRPO's groups of G images, one group per
-merged step) from one fixed policy, takes each rollout's on-policy loss gradient g_i (no optimizer step), and from the Gram matrix K_ij = g_i . g_j estimates
+Samples ``--rollouts`` independent prompt rollouts from one fixed policy (one prompt each: for E-GRPO, a group
+of G images per merged step), takes each rollout's on-policy loss gradient g_i (no optimizer step), and from
+the Gram matrix K_ij = g_i . g_j estimates
 - |G|^2, the squared norm of the true gradient: the mean of g_i . g_j over pairs i != j (unbiased);
 - tr(S), the noise of one rollout's gradient: the mean of |g_i|^2 minus |G|^2;
 - B_noise = tr(S) / |G|^2, the "simple noise scale" of McCandlish et al. (2018, An Empirical Model of
   Large-Batch Training): a minibatch of B rollouts has signal |G|^2 against noise tr(S) / B, so below
-  B_noise rollouts a step is mostly noise. Adam divides every coordinate by its own running scale, so a
-  larger minibatch does not shrink its steps' noise part; SGD's does.
+  B_noise rollouts a step is mostly noise. Times the FE a rollout costs (counted as compare_strategies.py
+  does), it is the compute one signal-dominated step needs: a strategy's price for the same signal.
 The 95% intervals come from a bootstrap over rollouts (pairs of the same resampled rollout left out). A random
 reward (``--random-reward``, rewards independent of the images) is the control: its |G|^2 must be ~0.
+``--save-mean`` keeps a run; ``--compare`` sets saved runs against the first (which needs a seed of its own).
 Single-threaded; docs/benchmarks.md section 1 (probe 9) quotes its figures.
 
-    OMP_NUM_THREADS=1 python benchmarks/gradient_noise.py --rollouts 96
-    OMP_NUM_THREADS=1 python benchmarks/gradient_noise.py --rollouts 96 --train-count 1 \\
-        --set 'prompts.tiny_train_kinds=[relation]'
+    OMP_NUM_THREADS=1 python benchmarks/gradient_noise.py --rollouts 240 --strategy dancegrpo --seed 2 \\
+        --save-mean dancegrpo.safetensors
+    python benchmarks/gradient_noise.py --compare egrpo.safetensors dancegrpo.safetensors
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.compare_strategies import STRATEGIES  # noqa: E402\nfrom benchmarks.reward_probe import random_reward  # noqa: E402
+from benchmarks.compare_strategies import STRATEGIES  # noqa: E402
+from benchmarks.reward_probe import random_reward  # noqa: E402
 
 
 def rollout_gradient(policy, strategy, cfg, item) -> "torch.Tensor":
@@ -140,10 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-count", type=int, help="only the first N training prompts")
     p.add_argument("--random-reward", action="store_true", help="control: rewards independent of the images")
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--save-mean", metavar="PATH", help="safetensors: the mean gradient and the rollout count (for "
-                   "`--compare`: how far two strategies' expected gradients agree)")
-    p.add_argument("--by-module", action="store_true", help="also split signal and noise by module: where is the signal?")
-    p.add_argument("--compare", nargs="+", metavar="PATH", help="print the cosines between saved mean gradients")
+    p.add_argument("--save-mean", metavar="PATH", help="safetensors: the mean gradient, the Gram matrix and the FE "
+                   "per rollout, for --compare")
+    p.add_argument("--by-module", action="store_true", help="also split signal and noise by module")
+    p.add_argument("--compare", nargs="+", metavar="PATH", help="saved runs, each against the first: FE per "
+                   "signal-dominated step, their ratio, the cosine of their expected gradients")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
