@@ -58,11 +58,12 @@ def test_rollout_gradient_is_the_step_the_training_loop_takes():
 
 
 def test_small_run_prints_the_noise_scale_and_compares_saved_means(capsys, tmp_path):
-    for name, seed in (("a", "0"), ("b", "1")):
-        gn.main(["--rollouts", "4", "--bootstrap", "50", "--seed", seed, "--by-module", "--train-count", "1",
-                 "--save-mean", str(tmp_path / f"{name}.safetensors")])
+    for name, extra in (("a", ["--by-module"]), ("b", ["--seed", "1", "--random-reward"])):
+        gn.main(["--rollouts", "4", "--bootstrap", "50", "--train-count", "1",
+                 "--save-mean", str(tmp_path / f"{name}.safetensors"), *extra])
     out = capsys.readouterr().out
     assert re.search(r"egrpo on alignment, .*4 rollouts, \d+ FE each", out)
+    assert re.search(r"egrpo on random rewards, .*4 rollouts", out)
     assert re.search(r"B_noise = tr\(S\)/\|G\|\^2 = \S+ rollouts, 95% CI \[", out)
     assert "transformer.transformer_blocks.0" in out and "FE for one signal-dominated step" in out
     gn.main(["--compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
