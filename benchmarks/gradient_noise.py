@@ -120,7 +120,8 @@ def compare(paths: list[str], draws: int) -> None:
         cost[name] = noise / signal[name] * fe if signal[name] > 0 else float("inf")
         both = resampled(run["gram"], draws, i)
         cost_draws[name] = ratio(both[:, 1], both[:, 0]) * fe
-    print(f"{'run':<16}{'rollouts':>9}{'FE/rollout':>11}  {'FE per signal-dominated step (95% CI)':<38}"
+    width = max(16, *(len(name) + 2 for name in saved))
+    print(f"{'run':<{width}}{'rollouts':>9}{'FE/rollout':>11}  {'FE per signal-dominated step (95% CI)':<38}"
           f"{'/ ' + first + ' (95% CI)':<28}cosine of expected gradients with {first}")
     for name, run in saved.items():
         against, cosine = "", "nan (a signal is not above 0)"
@@ -131,7 +132,7 @@ def compare(paths: list[str], draws: int) -> None:
             cosine = f"{dot / (signal[name] * signal[first]) ** 0.5:.2f}"
         if name != first:
             against = f"{cost[name] / cost[first]:.2f} {ci(cost_draws[name] / cost_draws[first])}"
-        print(f"{name:<16}{run['gram'].shape[0]:>9}{float(run['fe_per_rollout']):>11.0f}  "
+        print(f"{name:<{width}}{run['gram'].shape[0]:>9}{float(run['fe_per_rollout']):>11.0f}  "
               f"{f'{cost[name]:.3g} {ci(cost_draws[name])}':<38}{against:<28}{cosine}")
 
 
