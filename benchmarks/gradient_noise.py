@@ -35,15 +35,14 @@ def rollout_gradient(policy, strategy, cfg, item) -> "torch.Tensor":
     """The flattened gradient of one rollout's on-policy loss (ratio 1: the sampler's log-probs are the old ones)."""
     import torch
 
-    from egrpo_ray.algo.advantages import combine_rewards
     from egrpo_ray.algo.loss import grpo_loss
+    from egrpo_ray.training import group_advantages
 
-    alg, batch = cfg.algorithm, item.rollout
-    adv = combine_rewards(item.rewards, {r.name: r.weight for r in cfg.rewards}, batch.sample_group,
-                          alg.multi_reward, alg.adv_eps, alg.adv_clip, strategy.adv_std, strategy.adv_clip_order,
-                          strategy.adv_std_scope)
+    batch = item.rollout
+    adv = group_advantages(item.rewards, batch.sample_group, cfg, strategy)
     policy.zero_grad(set_to_none=True)
-    out = grpo_loss(policy, policy.encode_prompts(batch.prompts), batch, adv, strategy.kernel, alg.clip_range)
+    out = grpo_loss(policy, policy.encode_prompts(batch.prompts), batch, adv, strategy.kernel,
+                    cfg.algorithm.clip_range)
     out.loss.backward()
     params = [p for p in policy.parameters() if p.requires_grad]
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])

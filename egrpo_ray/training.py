@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from egrpo_ray.algo.advantages import combine_rewards
+from egrpo_ray.algo.advantages import Advantages, combine_rewards
 from egrpo_ray.algo.sampler import Rollout
 from egrpo_ray.algo.strategies import Strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
@@ -70,6 +70,15 @@ def sample_and_score(
     return ScoredRollout(rollout, rewards, policy_version, worker)
 
 
+def group_advantages(rewards: Mapping[str, torch.Tensor], group: torch.Tensor, cfg: ExperimentConfig,
+                     strategy: Strategy) -> Advantages:
+    """The weighted rewards' advantages within each group. Std, clip order and std scope are the strategy's
+    source's defaults unless configured (docs/algorithm.md section 8)."""
+    alg = cfg.algorithm
+    return combine_rewards(rewards, {r.name: r.weight for r in cfg.rewards}, group, alg.multi_reward, alg.adv_eps,
+                           alg.adv_clip, strategy.adv_std, strategy.adv_clip_order, strategy.adv_std_scope)
+
+
 def learn(
     fn: Callable,
     policy: Policy,
@@ -92,12 +101,9 @@ def learn(
     batch = Rollout.concat([it.rollout for it in items]).to(policy_device(policy))
     rewards = {k: torch.cat([it.rewards[k] for it in items]) for k in items[0].rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
-    alg = cfg.algorithm
-    # std, clip order and std scope: the strategy's source's defaults unless configured (algorithm.md s. 8)
-    adv = combine_rewards(rewards, weights, batch.sample_group, alg.multi_reward, alg.adv_eps, alg.adv_clip,
-                          strategy.adv_std, strategy.adv_clip_order, strategy.adv_std_scope)
+    adv = group_advantages(rewards, batch.sample_group, cfg, strategy)
     cond = policy.encode_prompts(batch.prompts)
-    settings = UpdateSettings.from_config(alg, cfg.learner)
+    settings = UpdateSettings.from_config(cfg.algorithm, cfg.learner)
     on_policy = None
     if policy_version is not None:
         on_policy = torch.cat([torch.full((len(it.rollout.step_index),), it.policy_version == policy_version)
