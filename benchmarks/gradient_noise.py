@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.compare_strategies import STRATEGIES  # noqa: E402
+from benchmarks.compare_strategies import STRATEGIES, forward_equivalents  # noqa: E402
 from benchmarks.reward_probe import random_reward  # noqa: E402
 
 
@@ -108,6 +108,7 @@ def compare(paths: list[str], draws: int) -> None:
     bootstrap resamples of both) and the cosine between their expected gradients (mean_a . mean_b is unbiased
     for G_a . G_b and each |G|^2 is the unbiased pair estimate, so noise does not pull it toward 0). Both assume
     independent rollouts: give the first run a seed no other run uses (the same seed shares initial noise)."""
+    import torch
     from safetensors.torch import load_file
 
     saved = {Path(p).stem: load_file(p) for p in paths}
@@ -116,7 +117,7 @@ def compare(paths: list[str], draws: int) -> None:
     for i, (name, run) in enumerate(saved.items()):
         fe = float(run["fe_per_rollout"])
         signal[name], noise = noise_scale(run["gram"])
-        cost[name] = noise / signal[name] * fe if signal[name] > 0 else float("inf")
+        cost[name] = float(ratio(torch.tensor(noise), torch.tensor(signal[name]))) * fe
         both = resampled(run["gram"], draws, i)
         cost_draws[name] = ratio(both[:, 1], both[:, 0]) * fe
     width = max(16, *(len(name) + 2 for name in saved))
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     fe, start = 0, time.time()
     for i in tqdm(range(n), desc="rollout gradients", disable=None):
         item = sample_and_score(policy, strategy, cursor.take(1), reward_fn, generator, i, policy_version=0)
-        fe += item.rollout.forwards + 3 * len(item.rollout.step_index)  # sampling, then one forward+backward a row
+        rows = len(item.rollout.step_index)  # one forward+backward a row, nothing recomputed
+        fe += forward_equivalents({"learner_rows": rows, "recompute_rows": 0}, item.rollout.forwards)
         grads[i] = rollout_gradient(policy, strategy, cfg, item)
     gram = (grads @ grads.T).double()  # float32 products: their error is ~1e-6 of |g|^2, the signal ~4e-3 of it
     signal, noise = noise_scale(gram)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     sig, scale = draws[:, 0], ratio(draws[:, 1], draws[:, 0])
     half = n // 2
     cosine = float(torch.nn.functional.cosine_similarity(grads[:half].mean(0), grads[half:2 * half].mean(0), dim=0))
-    b_noise = noise / signal if signal > 0 else float("inf")
+    b_noise = float(ratio(torch.tensor(noise), torch.tensor(signal)))
 
     print(f"{args.strategy} on {'random rewards' if args.random_reward else '+'.join(rewards)}, "
           f"{args.settings or 'configs/tiny.yaml'}, {n} rollouts, {fe / n:.0f} FE each, {time.time() - start:.0f} s")
