@@ -207,6 +207,9 @@ class LearnerConfig(Strict):
     # entry (step index) over all of the step's prompts
     minibatch: Literal["random", "by_entry"] = "random"
     epochs: Int = Field(1, ge=1, le=100)  # passes over each batch
+    # Measure how much of each update is signal (algo/gradient_noise.py): pairs of updates, one float32
+    # gradient-sized buffer per rank (a shard under FSDP); the run's summary gives the share and the noise scale.
+    gradient_noise: Bool = True
     lr: Float = Field(2e-6, gt=0, le=1)
     weight_decay: Float = Field(1e-4, ge=0)
     adam_eps: Float = Field(1e-8, gt=0, le=1)  # AdamW's epsilon (torch's default); docs/benchmarks.md section 1

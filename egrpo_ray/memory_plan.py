@@ -17,6 +17,7 @@ Per learner rank (``learner.parallelism``, world = ``learner.workers``):
   ``master_dtype: float32`` keeps the transformer in float32 (the "master" column) and runs it under autocast,
   which holds a compute-dtype copy of every trainable weight during forward and backward ("autocast copy").
   With world > 1, DDP's gradient buckets are a second copy of the gradients.
+- ``learner.gradient_noise`` (on by default) keeps one float32 copy of the gradients (sharded under FSDP).
 - fsdp (egrpo_ray/parallel.py): each transformer parameter is split on dim 0 into ``world`` chunks of
   ceil(dim0 / world) rows (the largest shard, rank 0's, is counted); trainable ones become float32 (the master
   copy when the compute dtype is lower), frozen ones keep their dtype, buffers and the frozen encoders / VAE
@@ -582,6 +583,8 @@ def learner_memory(cfg: ExperimentConfig, parts: Optional[PolicyParts] = None) -
     role.optimizer = 2 * grad_bytes
     if not fsdp and world > 1:
         role.other["ddp buckets"] = grad_bytes
+    if lc.gradient_noise:  # algo/gradient_noise.py: one float32 copy of the gradients (a shard under FSDP)
+        role.other["gradient noise buffer"] = sum(_nbytes(p, world if fsdp else 1, torch.float32) for p in trainable)
     n_train = sum(p.numel() for p in trainable)
     if fsdp:
         blocks = [b for _, b in _blocks(parts.transformer)]

@@ -39,6 +39,9 @@ LEARNER_GAUGES = {  # learner record key -> description (metric egrpo_learner_<k
     "kl": "KL to the reference model (0 unless algorithm.kl_beta > 0)",
     "grad_norm": "gradient norm before clipping (max over minibatches and ranks)",
     "loss": "surrogate loss, mean over minibatches",
+    # algo/gradient_noise.py: averaged over a window, signal_sq / step_sq is the share of an update that is signal
+    "grad_step_sq": "squared norm of an update's mean gradient before clipping (first update of each pair)",
+    "grad_signal_sq": "dot of an update's gradient with the previous one's: estimates |true gradient|^2",
     "staleness_mean": "policy versions between sampling and learning, mean over the step's groups",
     "queue_wait_s": "seconds the learner waited for groups this step",
     "weight_publish_s": "seconds to publish the new weights to the rollout workers",

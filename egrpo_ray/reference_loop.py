@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from egrpo_ray.algo.gradient_noise import signal_share
 from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.config import ExperimentConfig, load_config
 from egrpo_ray.models import build_policy
@@ -21,14 +22,22 @@ from egrpo_ray.rewards import build_reward
 from egrpo_ray.algo.update import step_seed
 from egrpo_ray.evaluate import heldout_scores
 from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe
-from egrpo_ray.training import learn, make_optimizer, make_reward_fn, reference_model, sample_and_score
+from egrpo_ray.training import (
+    learn,
+    make_gradient_noise,
+    make_optimizer,
+    make_reward_fn,
+    reference_model,
+    sample_and_score,
+)
 
 
-def reference_update(policy, items, cfg: ExperimentConfig, strategy, optimizer, step: int, ref_fn=None) -> dict[str, float]:
+def reference_update(policy, items, cfg: ExperimentConfig, strategy, optimizer, step: int, ref_fn=None,
+                     noise=None) -> dict[str, float]:
     """Update ``step`` (0-based) of the reference loop: what a 1-rank Ray learner does at the same step
     (same minibatch seed, same partition, same policy version)."""
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, 0, step))
-    return learn(policy, policy, items, cfg, strategy, optimizer, generator, ref_fn, policy_version=step)
+    return learn(policy, policy, items, cfg, strategy, optimizer, generator, ref_fn, policy_version=step, noise=noise)
 
 
 def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_dir: str | None = None,
@@ -42,6 +51,7 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
     train_prompts, heldout = prompt_splits(cfg.prompts)
     cursor = PromptCursor(train_prompts, cfg.seed)
     optimizer = make_optimizer(policy, cfg.learner)
+    noise = make_gradient_noise(cfg.learner)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
     writer = MetricsWriter(output_dir) if output_dir else None
     heldout_writer = MetricsWriter(output_dir, "heldout.jsonl") if output_dir else None
@@ -66,7 +76,7 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
                              step - 1, policy_version=step - 1)
             for _ in range(max(1, cfg.learner.prompts_per_step // cfg.rollout.prompts_per_batch))
         ]
-        metrics = reference_update(policy, items, cfg, strategy, optimizer, step - 1, ref_fn)
+        metrics = reference_update(policy, items, cfg, strategy, optimizer, step - 1, ref_fn, noise)
         metrics.update(step=step, policy_version=step, forwards=sum(it.rollout.forwards for it in items),
                        seconds=time.perf_counter() - t_start)
         history.append(metrics)
@@ -86,6 +96,7 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
         "train_reward_last": history[-1]["reward_mean"],
         "wall_seconds": time.perf_counter() - t_start,
         "rollout_forwards": sum(m["forwards"] for m in history),
+        "gradient_signal": signal_share(history, cfg.learner.prompts_per_step),
     }
     if output_dir:
         save_grid(images, Path(output_dir) / "heldout_final.png", scale=4)

@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from egrpo_ray.algo.advantages import Advantages, combine_rewards
+from egrpo_ray.algo.gradient_noise import GradientNoise
 from egrpo_ray.algo.sampler import Rollout
 from egrpo_ray.algo.strategies import Strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
@@ -47,6 +48,11 @@ def make_optimizer(policy: torch.nn.Module, learner: LearnerConfig) -> torch.opt
     """AdamW over the trainable parameters, as the config's learner section sets it (every loop builds this one)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=learner.lr, weight_decay=learner.weight_decay, eps=learner.adam_eps)
+
+
+def make_gradient_noise(learner: LearnerConfig) -> GradientNoise | None:
+    """The run's gradient-noise measurement (``learner.gradient_noise``; one gradient-sized buffer per rank)."""
+    return GradientNoise() if learner.gradient_noise else None
 
 
 @torch.no_grad()
@@ -91,13 +97,15 @@ def learn(
     parts: list[torch.Tensor] | None = None,
     num_parts: int | None = None,
     policy_version: int | None = None,
+    noise: GradientNoise | None = None,
 ) -> dict[str, float]:
     """Advantages over the items' groups, then one clipped-surrogate update through ``fn``
     (the policy itself, or its DDP wrapper). Returns the step's metrics.
 
     ``ref_fn``: the KL reference (``reference_model``); ``num_parts``: the minibatch count every
     data-parallel rank uses; ``policy_version``: the weights' version now, so that groups it sampled
-    count as on-policy (decoupled weight exactly 1)."""
+    count as on-policy (decoupled weight exactly 1); ``noise``: the run's gradient-noise measurement, whose
+    statistic for this update joins the metrics."""
     batch = Rollout.concat([it.rollout for it in items]).to(policy_device(policy))
     rewards = {k: torch.cat([it.rewards[k] for it in items]) for k in items[0].rewards}
     weights = {r.name: r.weight for r in cfg.rewards}
@@ -109,7 +117,7 @@ def learn(
         on_policy = torch.cat([torch.full((len(it.rollout.step_index),), it.policy_version == policy_version)
                                for it in items])
     stats = grpo_update(fn, cond, batch, adv, strategy.kernel, settings, optimizer, generator, ref_fn, parts,
-                        num_parts, on_policy)
+                        num_parts, on_policy, noise)
     total = sum(weights[k] * rewards[k] for k in rewards)
     out = {
         "reward_mean": float(total.mean()),
@@ -119,6 +127,7 @@ def learn(
         "samples": len(total),
         **{f"reward_{k}": float(v.mean()) for k, v in rewards.items()},
         **{k: float(v) for k, v in vars(stats).items()},
+        **(noise.finish() if noise is not None else {}),
     }
     return out
 

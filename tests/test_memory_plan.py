@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from egrpo_ray.algo.gradient_noise import GradientNoise
 from egrpo_ray.cli import main
 from egrpo_ray.config import LoraConfig, ModelConfig, load_config, validate
 from egrpo_ray.distributed.cluster import free_port
@@ -71,6 +72,9 @@ def _learner_step(cfg) -> dict[str, dict[str, int]]:
     cond = policy.encode_prompts(["a red circle", "a blue square"])
     x = torch.randn(2, *policy.latent_shape)
     fn(x, torch.tensor([0.5, 0.3]), cond).square().mean().backward()
+    noise = GradientNoise()
+    noise.add(params)
+    noise.finish()
     opt.step()
     seen, weights = set(), []
     for m in _policy_modules(policy):
@@ -82,7 +86,7 @@ def _learner_step(cfg) -> dict[str, dict[str, int]]:
     steps = [state["step"] for state in opt.state.values()]
     assert all(s.dim() == 0 and s.device.type == "cpu" for s in steps)  # AdamW's counters: 0-dim, never on the GPU
     return {"weights": _by_dtype(weights), "grads": _by_dtype(p.grad for p in params),
-            "optimizer": _by_dtype(moments)}
+            "optimizer": _by_dtype(moments), "noise": noise.buffer_bytes}
 
 
 def _check_equal(cfg) -> None:
@@ -94,6 +98,7 @@ def _check_equal(cfg) -> None:
     assert held == measured["weights"]
     assert plan.gradients == sum(measured["grads"].values())
     assert plan.optimizer == sum(measured["optimizer"].values())
+    assert plan.other["gradient noise buffer"] == measured["noise"] > 0
     assert len(measured["grads"]) == 1  # one gradient dtype: that of the trainable weights
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from egrpo_ray.algo.advantages import combine_rewards
+from egrpo_ray.algo.gradient_noise import GradientNoise
 from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
 from egrpo_ray.checkpoint import latest_checkpoint, load_export, load_training_state, read_meta, save_checkpoint
@@ -45,10 +46,12 @@ def _batch(policy):
     return strategy, cond, batch, adv
 
 
-def _update(fn, policy, optimizer, parts):
+def _update(fn, policy, optimizer, parts, noise: GradientNoise | None = None) -> dict[str, float]:
+    """One update; returns its gradient-noise statistic (if measured)."""
     strategy, cond, batch, adv = _batch(policy)
     grpo_update(fn, cond, batch, adv, strategy.kernel, SETTINGS, optimizer, torch.Generator(),
-                parts=[torch.tensor(p) for p in parts])
+                parts=[torch.tensor(p) for p in parts], noise=noise)
+    return noise.finish() if noise else {}
 
 
 def _optimizer(policy):
@@ -70,13 +73,15 @@ def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
     fn = prepare_for_training(policy, "fsdp", torch.float32, torch.device("cpu"))
     optimizer = _optimizer(policy)
     mine = [rows[rank * 2 : rank * 2 + 2] for rows in ROWS]
-    _update(fn, policy, optimizer, mine)
+    noise = GradientNoise()
+    first = _update(fn, policy, optimizer, mine, noise)
     save_checkpoint(out, 1, policy, optimizer, {"policy_version": 1}, lora=lora, export_dtype=torch.float32)
     after_one = full_trainable_state(policy)
-    _update(fn, policy, optimizer, mine)
+    second = _update(fn, policy, optimizer, mine, noise)
     after_two = full_trainable_state(policy)
     if rank == 0:
-        torch.save({"after_one": after_one, "after_two": after_two}, os.path.join(out, "weights.pt"))
+        torch.save({"after_one": after_one, "after_two": after_two, "noise": {**first, **second}},
+                   os.path.join(out, "weights.pt"))
     dist.barrier()
     dist.destroy_process_group()
     # About 1 exit in 10 after a sharded checkpoint aborted in C++ teardown ("terminate called without an
@@ -107,10 +112,17 @@ def test_fsdp_two_ranks_update_like_one_process(two_rank):
     policy = build_policy(_model_cfg(lora))
     before = full_trainable_state(policy)
     optimizer = _optimizer(policy)
-    _update(policy, policy, optimizer, ROWS)
+    noise = GradientNoise()
+    first = _update(policy, policy, optimizer, ROWS, noise)
     single = full_trainable_state(policy)
     assert _max_diff(single, before) > 0.5 * LR  # the update really moved the weights
     _assert_close(weights["after_one"], single)
+    # the gradient-noise statistics: sharded dots summed over ranks give the single process's
+    second = _update(policy, policy, optimizer, ROWS, noise)
+    sharded = weights["noise"]
+    assert sharded.keys() == {"grad_step_sq", "grad_signal_sq"}
+    assert sharded["grad_step_sq"] == pytest.approx(first["grad_step_sq"], rel=1e-4)
+    assert sharded["grad_signal_sq"] == pytest.approx(second["grad_signal_sq"], rel=1e-3)
 
 
 def test_sharded_checkpoint_from_two_ranks_resumes_on_one(two_rank, tmp_path):

@@ -39,6 +39,9 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     records = _records(out)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert [r["policy_version"] for r in records] == list(range(1, 7))
+    # the gradient-noise measurement (algo/gradient_noise.py) takes updates in pairs; the summary has the share
+    assert [("grad_step_sq" in r, "grad_signal_sq" in r) for r in records] == [(True, False), (False, True)] * 3
+    assert summary["gradient_signal"]["pairs"] == 3
     # training-prompt reward improves: fixed training prompts, fixed noise, before vs after
     assert summary["train_probe_reward_after"] > summary["train_probe_reward_before"] + 0.01, summary
     # rollout workers loaded newer weights as the learner published them

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 import torch
 
 from egrpo_ray.algo.advantages import Advantages
+from egrpo_ray.algo.gradient_noise import GradientNoise
 from egrpo_ray.algo.loss import grpo_loss, score_rows
 from egrpo_ray.algo.sampler import Conditioning, Rollout, StepKernel, VelocityFn
 
@@ -119,6 +120,7 @@ def grpo_update(
     parts: Optional[list[torch.Tensor]] = None,
     num_parts: Optional[int] = None,
     on_policy_rows: Optional[torch.Tensor] = None,
+    noise: Optional[GradientNoise] = None,
 ) -> UpdateStats:
     """Clipped-surrogate updates of the optimizer's parameters over the batch's rows, ``epochs`` passes
     of the same minibatches.
@@ -127,7 +129,8 @@ def grpo_update(
     forward of exactly the minibatches the gradient passes see (bit-identical on-policy), and
     ``decoupled`` also weights each sample by ``behaviour_weight`` (``on_policy_rows`` [R] marks rows
     sampled by the current weights). ``parts`` overrides the partition; else ``partition_rows`` with
-    ``num_parts`` (DDP/FSDP: the max over ranks).
+    ``num_parts`` (DDP/FSDP: the max over ranks). ``noise`` sees each first-epoch minibatch gradient before
+    clipping; the caller ends its measurement (``GradientNoise.finish``).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if parts is None:
@@ -149,7 +152,7 @@ def grpo_update(
                                     None if on_policy_rows is None else on_policy_rows[rows])
                    for old, rows in zip(olds, parts)]
     losses, ratios, clips, kls, norms = [], [], [], [], []
-    for _ in range(settings.epochs):
+    for epoch in range(settings.epochs):
         for rows, old, weight in zip(parts, olds, weights):
             sub = batch.select_rows(rows)
             out = grpo_loss(fn, cond, sub, advantages, kernel, settings.clip_range, old_log_probs=old,
@@ -158,6 +161,8 @@ def grpo_update(
                 mismatch = float((out.log_probs - sub.old_log_probs).abs().max())
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if noise is not None and epoch == 0:
+                noise.add(params)
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)))
             optimizer.step()
             losses.append(float(out.loss.detach()))

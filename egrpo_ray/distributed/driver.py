@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from egrpo_ray.algo.gradient_noise import describe as describe_signal, signal_share
 from egrpo_ray.checkpoint import export_final_lora, latest_checkpoint
 from egrpo_ray.config import (
     ConfigError,
@@ -387,6 +388,7 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
         "background_noise_after": heldout.get("after", {}).get("quality_background_noise"),
         "train_reward_first": records[0]["reward_mean"] if records else None,
         "train_reward_last": records[-1]["reward_mean"] if records else None,
+        "gradient_signal": signal_share(records, cfg.learner.prompts_per_step),
         "metrics": str(out / "metrics.jsonl"),
         "reward_curve": str(out / "reward_curve.png"),
         "grids": str(out / "grids"),
@@ -421,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
         before, after = summary[f"{key}_before"], summary[f"{key}_after"]
         if before is not None and after is not None:
             print(f"{label}: {before:.4f} -> {after:.4f}")
+    if summary.get("gradient_signal"):
+        print(describe_signal(summary["gradient_signal"]))
     failures = {k: v for k, v in summary["failures"].items() if v}
     if failures:
         print("faults survived: " + ", ".join(f"{k} {v}" for k, v in failures.items()))

@@ -46,7 +46,7 @@ from egrpo_ray.parallel import (
     prepare_reference,
 )
 from egrpo_ray.prompts import prompt_splits, train_probe
-from egrpo_ray.training import learn, make_optimizer, reference_model
+from egrpo_ray.training import learn, make_gradient_noise, make_optimizer, reference_model
 
 MAXED = ("grad_norm", "logprob_mismatch")  # the worst rank; counts add up; the rest average
 ADDED = ("groups", "samples", "learner_rows", "recompute_rows")
@@ -81,7 +81,7 @@ def timed(metrics: dict, key: str):
 
 
 def learner_update(fn, policy, items: list, cfg: ExperimentConfig, strategy, optimizer, rank: int, step: int,
-                   version: int, ref_fn=None) -> dict[str, float]:
+                   version: int, ref_fn=None, noise=None) -> dict[str, float]:
     """One rank's update at ``step`` (no Ray): minibatches from ``partition_rows`` seeded by (seed, rank,
     step), as many on every rank (the max: DDP and FSDP step together); groups sampled by ``version``
     (the weights now) are on-policy. With one rank this is the reference loop's ``reference_update``."""
@@ -90,7 +90,7 @@ def learner_update(fn, policy, items: list, cfg: ExperimentConfig, strategy, opt
     num_parts = int(_collective(float(partition_count(step_index, settings.minibatch, settings.rows_per_minibatch)), "max"))
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, rank, step))
     return learn(fn, policy, items, cfg, strategy, optimizer, generator, ref_fn, num_parts=num_parts,
-                 policy_version=version)
+                 policy_version=version, noise=noise)
 
 
 class WeightPublisher:
@@ -144,6 +144,7 @@ class Learner:
         self.fn = prepare_for_training(self.policy, cfg.learner.parallelism, dtype, device)
         self.sharded = is_sharded(self.policy)
         self.optimizer = make_optimizer(self.policy, cfg.learner)
+        self.noise = make_gradient_noise(cfg.learner)
         self.strategy = build_strategy(cfg.sampling, cfg.algorithm)
         self.step = self.version = 0
         self.attempt = self._restore(config.get("resume_from"))
@@ -232,7 +233,7 @@ class Learner:
     def update(self, items: list) -> dict[str, float]:
         """One group-normalised GRPO update (``learner_update``)."""
         metrics = learner_update(self.fn, self.policy, items, self.cfg, self.strategy, self.optimizer, self.rank,
-                                 self.step, self.version, self.reference)
+                                 self.step, self.version, self.reference, self.noise)
         metrics = _reduce_metrics(metrics, self.world)
         metrics["staleness"] = [self.version - it.policy_version for it in items]  # this rank's; rank 0 logs it
         self.step, self.version = self.step + 1, self.version + 1
