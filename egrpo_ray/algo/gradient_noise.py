@@ -85,7 +85,8 @@ class GradientNoise:
     def _reduce(self, dots: Optional[torch.Tensor]) -> float:
         """Sum the sharded part over ranks (every rank holds a slice of each sharded gradient)."""
         if dots is None:  # no gradient on this rank (every rank still joins the reduce)
-            dots = torch.zeros(2, dtype=torch.float64)
+            device = next((t.device for t in self._kept or [] if t is not None), torch.device("cpu"))
+            dots = torch.zeros(2, dtype=torch.float64, device=device)
         if any(self._is_shard) and dist.is_available() and dist.is_initialized():
             sharded = dots[:1].clone()
             dist.all_reduce(sharded)
