@@ -13,7 +13,8 @@ the share of |A|^2 that is signal, with a 95% interval, and the noise scale B_no
 policy with benchmarks/gradient_noise.py.
 
 Only the first epoch's minibatches count (later epochs revisit the same rows). The weights move between the
-two updates of a pair; at RL learning rates that drift is far below the noise.
+two updates of a pair, and the estimate assumes that move is small. Where one update moves the policy far
+(the README's JPEG run at lr 3e-4), consecutive gradients anti-correlate and the share comes out negative.
 """
 from __future__ import annotations
 
@@ -56,12 +57,12 @@ class GradientNoise:
         if self._storing:
             if self._minibatches == 0:
                 self._kept, self._is_shard = [None] * len(grads), [False] * len(grads)
-            for i, (g, _) in enumerate(grads):
+            for i, (g, shard) in enumerate(grads):
                 if g is None:
                     continue
                 if self._kept[i] is None:
                     self._kept[i] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-                    self._is_shard[i] = grads[i][1]
+                    self._is_shard[i] = shard
                 self._kept[i].add_(g.float())
         else:
             dots = _dots(grads, self._kept)
