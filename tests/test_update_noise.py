@@ -17,7 +17,7 @@ def _flat(grads) -> torch.Tensor:
 
 
 def test_pairs_of_updates_match_the_gradients_the_optimizer_saw():
-    cfg = load_config(None, ["algorithm.group_size=4"])
+    cfg = load_config(None, ["algorithm.group_size=4", "sampling.steps=8"])
     torch.manual_seed(0)
     policy = build_policy(cfg.model)
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
