@@ -17,13 +17,13 @@ Per learner rank (``learner.parallelism``, world = ``learner.workers``):
   ``master_dtype: float32`` keeps the transformer in float32 (the "master" column) and runs it under autocast,
   which holds a compute-dtype copy of every trainable weight during forward and backward ("autocast copy").
   With world > 1, DDP's gradient buckets are a second copy of the gradients.
-- ``learner.gradient_noise`` (on by default) keeps one float32 copy of the gradients (sharded under FSDP).
 - fsdp (egrpo_ray/parallel.py): each transformer parameter is split on dim 0 into ``world`` chunks of
   ceil(dim0 / world) rows (the largest shard, rank 0's, is counted); trainable ones become float32 (the master
   copy when the compute dtype is lower), frozen ones keep their dtype, buffers and the frozen encoders / VAE
   stay whole. Gradients and both AdamW moments are float32 shards. Transients: the root's parameters and two
   blocks (the one running + the prefetched next one) unsharded in the compute dtype, plus the running block's
   gradients in the compute dtype and again in float32 for the reduce-scatter.
+- ``learner.gradient_noise`` (on by default): one float32 copy of the gradients (a shard under FSDP).
 - AdamW: two moments per trainable parameter in that parameter's dtype (its ``step`` counters are 0-dim CPU
   tensors, not counted). The foreach step allocates one more moment-sized temporary (sqrt of exp_avg_sq).
 

@@ -55,8 +55,12 @@ class GradientNoise:
         """One minibatch's gradients (``p.grad``, before clipping)."""
         grads = [(None, False) if p.grad is None else _local(p.grad) for p in params]
         if self._storing:
-            if self._minibatches == 0:
+            if self._kept is None:
                 self._kept, self._is_shard = [None] * len(grads), [False] * len(grads)
+            elif self._minibatches == 0:  # a new pair: reuse the buffer
+                for t in self._kept:
+                    if t is not None:
+                        t.zero_()
             for i, (g, shard) in enumerate(grads):
                 if g is None:
                     continue
