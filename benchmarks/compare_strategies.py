@@ -12,7 +12,8 @@ Phases (one command runs them in order, skipping runs whose result file exists, 
            budget (curves), each score averaged over ``--draws`` noise draws per prompt; plus the image-quality
            check that is not part of the reward.
 3. extras: the step-subset ablation (E-GRPO merging in the first half of the steps vs all of them) and any
-           ``--suffix`` setting (issue 13: a coarse ODE suffix), at E-GRPO's lr, same seeds.
+           ``--suffix`` setting (issue 13: a coarse ODE suffix), same seeds. They are swept like the strategies
+           and run at their own pick: the suffix takes 2.6x the updates, so E-GRPO's lr need not be its best.
 Runs are single-threaded processes (torch.set_num_threads(1)), ``--workers`` at a time; with ``--device cuda``
 they share one GPU (the tiny model's forwards are tiny: a GPU runs many such processes at once).
 
@@ -200,26 +201,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only}
+    extras = extra_variants(args.suffix) if "egrpo" in variants else {}
     common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
                   settings=args.settings)
-    sweep = [Job("sweep", name, ov, 1000 + s, lr, **common) for name, ov in variants.items() for lr in args.lrs
-             for s in range(args.sweep_seeds)]
-    lrs = best_lrs(run_all(sweep, out, args.workers))
-    (out / "chosen_lrs.json").write_text(json.dumps(lrs, indent=2))
+    lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers))
+    every_pick = best_lrs([r for r in load_runs(out) if r["phase"] == "sweep"])  # earlier --only runs too
+    (out / "chosen_lrs.json").write_text(json.dumps(every_pick, indent=2))
     print("chosen learning rates (validation prompts):", json.dumps(lrs), flush=True)
+    run_all(final_jobs(variants, extras, lrs, args, common), out, args.workers)
+    return 0
+
+
+def extra_variants(suffixes: list[tuple[str, int]]) -> dict[str, list[str]]:
+    """The step-subset ablation and one E-GRPO variant per ``--suffix`` setting (solver, steps)."""
     extras = dict(ABLATION)
-    for setting in args.suffix:
-        solver, steps = setting.split(":")
+    for solver, steps in suffixes:
         extras[f"egrpo-suffix-{solver}{steps}"] = ["algorithm.strategy=egrpo", f"sampling.suffix.solver={solver}",
                                                   f"sampling.suffix.steps={steps}"]
-    final = [Job("final", name, ov, s, lrs[name], **common) for name, ov in variants.items() if name in lrs
-             for s in range(args.seeds)]
-    if "egrpo" in lrs:
-        final += [Job("extra", name, ov, s, lrs["egrpo"], **common) for name, ov in extras.items() for s in range(args.seeds)]
+    return extras
+
+
+def sweep_jobs(variants: dict[str, list[str]], args: argparse.Namespace, common: dict) -> list[Job]:
+    return [Job("sweep", name, ov, 1000 + s, lr, **common) for name, ov in variants.items() for lr in args.lrs
+            for s in range(args.sweep_seeds)]
+
+
+def final_jobs(variants: dict[str, list[str]], extras: dict[str, list[str]], lrs: dict[str, float],
+               args: argparse.Namespace, common: dict) -> list[Job]:
+    """Each strategy and extra at its own swept lr; then the ``--also-lr`` runs."""
+    seeds = range(args.seeds)
+    final = [Job("final", name, ov, s, lrs[name], **common) for name, ov in variants.items() if name in lrs for s in seeds]
+    final += [Job("extra", name, ov, s, lrs[name], **common) for name, ov in extras.items() if name in lrs for s in seeds]
     for name, lr in args.also_lr:  # a strategy again at another lr: how much the one-seed sweep's pick matters
-        final += [Job("extra", f"{name}@{lr:g}", STRATEGIES[name], s, lr, **common) for s in range(args.seeds)]
-    run_all(final, out, args.workers)
-    return 0
+        final += [Job("extra", f"{name}@{lr:g}", STRATEGIES[name], s, lr, **common) for s in seeds]
+    return final
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -287,8 +302,9 @@ def report(out: Path, docs_dir: Path | None) -> str:
     sweep = [r for r in every if r["phase"] == "sweep"]
     chosen = best_lrs(sweep)  # a grid widened later may move a pick: report the final runs at the current one
 
-    def current(r: dict) -> bool:  # extras run at E-GRPO's pick, except the --also-lr ones ("name@lr")
-        pick = chosen.get("egrpo" if r["phase"] == "extra" else r["variant"], r["lr"])
+    def current(r: dict) -> bool:  # each run at its variant's pick; "name@lr" (--also-lr) at its own lr
+        swept = r["variant"] in chosen or r["phase"] != "extra"  # extras of older runs were not swept: E-GRPO's lr
+        pick = chosen.get(r["variant"] if swept else "egrpo", r["lr"])
         return r["phase"] != "sweep" and ("@" in r["variant"] or r["lr"] == pick)
 
     runs = [r for r in every if current(r)]
@@ -382,6 +398,13 @@ def strategy_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected STRATEGY=LR, e.g. egrpo=1e-5") from None
 
 
+def suffix_setting(text: str) -> tuple[str, int]:
+    solver, _, steps = text.partition(":")
+    if not solver or not steps.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SOLVER:STEPS, e.g. dpm2m:4")
+    return solver, int(steps)
+
+
 def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,7 +420,7 @@ def main() -> int:
     r.add_argument("--optimizer-steps", type=int, default=4, help="optimizer steps per iteration, every strategy")
     r.add_argument("--device", default="cpu", help="where each run's policy lives (cuda: processes share the GPU)")
     r.add_argument("--only", nargs="*", help="strategies to run (default: all)")
-    r.add_argument("--suffix", nargs="*", default=[], help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
+    r.add_argument("--suffix", nargs="*", default=[], type=suffix_setting, help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",

@@ -178,6 +178,9 @@ class PromptsConfig(Strict):
 class RolloutConfig(Strict):
     workers: Int = Field(2, ge=1, le=4096)
     prompts_per_batch: Int = Field(2, ge=1)
+    # Rows per sampling forward; None runs every branch of the batch at once. A cap trades speed for memory
+    # (a G2RPO batch on FLUX is 96 rows, 25 GiB of activations); the samples are the same either way.
+    max_batch_rows: Optional[Int] = Field(None, ge=1)
     num_cpus: Float = Field(0.25, ge=0)
     num_gpus: Float = Field(0.0, ge=0)
     resources: Resources = {}  # custom Ray resources per worker (placement on labelled nodes)

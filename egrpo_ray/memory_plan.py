@@ -48,7 +48,8 @@ image, 4 images per decode chunk as the policies decode), measured the same ways
 
 Rollout worker: its policy built without master weights (distributed/rollout.py), everything frozen in the model
 dtype; with ``weight_sync: collective`` a staging copy of the trainable weights in that dtype; sampling runs all
-branches of a batch's prompts in one forward (prompts_per_batch x merge-plan entries x G rows for E-GRPO).
+branches of a batch's prompts in one forward (prompts_per_batch x merge-plan entries x G rows for E-GRPO), or
+``rollout.max_batch_rows`` rows a forward where set.
 Learner and rollout also keep every prompt's text embeddings on the GPU (PromptCache, up to 8192 prompts): the
 plan counts the prompts a run reaches (train prompts seen, plus held-out and probe prompts on the learner).
 
@@ -537,12 +538,14 @@ def _rows_factor(cfg: ExperimentConfig) -> int:
 
 
 def rollout_batch_rows(cfg: ExperimentConfig) -> int:
-    """The largest forward a rollout worker runs: every branch of every (prompt, entry) at once."""
+    """The largest forward a rollout worker runs: every branch of every (prompt, entry) at once, or
+    ``rollout.max_batch_rows`` where that is fewer."""
     from egrpo_ray.algo.strategies import BranchingStrategy, build_strategy
 
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
     entries = len(strategy.plan.entries) if isinstance(strategy, BranchingStrategy) else 1
-    return cfg.rollout.prompts_per_batch * entries * cfg.algorithm.group_size * _rows_factor(cfg)
+    rows = cfg.rollout.prompts_per_batch * entries * cfg.algorithm.group_size
+    return min(rows, cfg.rollout.max_batch_rows or rows) * _rows_factor(cfg)
 
 
 def learner_memory(cfg: ExperimentConfig, parts: Optional[PolicyParts] = None) -> RoleMemory:
@@ -655,7 +658,8 @@ def rollout_memory(cfg: ExperimentConfig, parts: Optional[PolicyParts] = None) -
     prompts = min(PROMPT_CACHE_ITEMS, math.ceil(lc.iterations * lc.prompts_per_step / rc.workers) + rc.prompts_per_batch)
     if _prompt_bytes(parts, compute):
         role.other["prompt cache"] = prompts * _prompt_bytes(parts, compute)
-    role.notes.append(f"sampling batch: {rows} rows (all branches of a batch's prompts in one forward)")
+    how = "at most rollout.max_batch_rows" if rc.max_batch_rows else "all branches of a batch's prompts at once"
+    role.notes.append(f"sampling batch: {rows} rows a forward ({how})")
     return role
 
 

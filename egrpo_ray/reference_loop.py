@@ -73,7 +73,7 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
     for step in tqdm(range(1, iterations + 1), desc="reference E-GRPO", disable=not progress):
         items = [
             sample_and_score(policy, strategy, cursor.take(cfg.rollout.prompts_per_batch), reward_fn, rollout_gen,
-                             step - 1, policy_version=step - 1)
+                             step - 1, policy_version=step - 1, max_batch=cfg.rollout.max_batch_rows)
             for _ in range(max(1, cfg.learner.prompts_per_step // cfg.rollout.prompts_per_batch))
         ]
         metrics = reference_update(policy, items, cfg, strategy, optimizer, step - 1, ref_fn, noise)

@@ -48,21 +48,29 @@ def _run(variant, seed, change, phase="final", lr=1e-5):
 BORDERLINE = [0.01, -0.01, 0.005, -0.005, 0.0]
 
 
+def _write(root: Path, rows: list[dict]) -> None:
+    (root / "runs").mkdir(exist_ok=True)
+    for r in rows:
+        (root / "runs" / f"{r['phase']}-{r['variant']}-lr{r['lr']:g}-{r['seed']}.json").write_text(json.dumps(r))
+
+
+def _first_table(text: str) -> dict[str, str]:
+    rows: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    return rows
+
+
 def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
     noise = [0.01, -0.02, 0.015, -0.005, 0.0]
     for s, n in enumerate(noise):
         rows = [_run("egrpo", s, 0.1 + n), _run("better", s, 0.15 + n + 0.001 * s), _run("same", s, 0.1 + n + noise[s - 1]),
                 _run("borderline", s, 0.1 + n + 0.01 + BORDERLINE[s])]
         rows += [_run("egrpo", 1000 + s, 0.1 + 0.1 * (lr == 1e-5), phase="sweep", lr=lr) for lr in (1e-5, 1e-4)]
         rows += [_run("egrpo", s, 9.0, lr=1e-4)]  # a final run at a lr the (widened) sweep no longer picks
-        for r in rows:
-            (runs / f"{r['phase']}-{r['variant']}-lr{r['lr']:g}-{r['seed']}.json").write_text(json.dumps(r))
-    lines: dict[str, str] = {}
-    for line in cs.report(tmp_path, None).splitlines():  # the first table: held-out change and paired verdict
-        if line.startswith("| "):
-            lines.setdefault(line.split(" | ")[0].strip("| "), line)
+        _write(tmp_path, rows)
+    lines = _first_table(cs.report(tmp_path, None))  # held-out change and paired verdict
     assert lines["better"].rstrip(" |").endswith("yes") and "+0.052" in lines["better"]
     assert lines["same"].rstrip(" |").endswith("no")
     # outside its own 95% interval, but not once the table's 3 comparisons are corrected together
@@ -90,3 +98,36 @@ def test_also_lr_errors(text, match):
     with pytest.raises(argparse.ArgumentTypeError, match=match):
         cs.strategy_lr(text)
     assert cs.strategy_lr("egrpo=1e-5") == ("egrpo", 1e-5)
+
+
+def test_extras_are_swept_and_run_at_their_own_lr():
+    args = argparse.Namespace(lrs=[1e-5, 1e-4], sweep_seeds=1, seeds=2, also_lr=[("egrpo", 3e-5)])
+    common = dict(budget=100.0, draws=1, optimizer_steps=4)
+    variants = {"egrpo": cs.STRATEGIES["egrpo"]}
+    extras = cs.extra_variants([cs.suffix_setting("dpm2m:4")])
+    assert extras["egrpo-suffix-dpm2m4"][1:] == ["sampling.suffix.solver=dpm2m", "sampling.suffix.steps=4"]
+    swept = {(j.variant, j.lr) for j in cs.sweep_jobs({**variants, **extras}, args, common)}
+    assert swept == {(v, lr) for v in ("egrpo", "egrpo-all-steps", "egrpo-suffix-dpm2m4") for lr in (1e-5, 1e-4)}
+    lrs = {"egrpo": 1e-4, "egrpo-all-steps": 1e-5, "egrpo-suffix-dpm2m4": 1e-5}
+    final = {(j.phase, j.variant, j.lr, j.seed) for j in cs.final_jobs(variants, extras, lrs, args, common)}
+    assert final == {(phase, v, lr, s) for phase, v, lr in [("final", "egrpo", 1e-4), ("extra", "egrpo-all-steps", 1e-5),
+                                                           ("extra", "egrpo-suffix-dpm2m4", 1e-5),
+                                                           ("extra", "egrpo@3e-05", 3e-5)] for s in (0, 1)}
+
+
+def test_report_takes_each_extra_at_its_own_pick_and_older_ones_at_egrpos(tmp_path):
+    sweep = [_run("egrpo", 1000, 0.1 * (lr == 1e-4), phase="sweep", lr=lr) for lr in (1e-5, 1e-4)]
+    extras = [_run("egrpo-all-steps", s, change, phase="extra", lr=lr) for s in range(3)
+              for lr, change in ((1e-5, 0.2), (1e-4, -0.2))]
+    egrpo = [_run("egrpo", s, 0.0, lr=1e-4) for s in range(3)]
+    _write(tmp_path, sweep + extras + egrpo)  # an older directory: the ablation was not swept, it ran at E-GRPO's lr
+    assert "| -0.200 ±" in _first_table(cs.report(tmp_path, None))["egrpo-all-steps"]
+    _write(tmp_path, [_run("egrpo-all-steps", 1000, 0.1 * (lr == 1e-5), phase="sweep", lr=lr) for lr in (1e-5, 1e-4)])
+    row = _first_table(cs.report(tmp_path, None))["egrpo-all-steps"]
+    assert row.startswith("| egrpo-all-steps | 1e-05 |") and "| +0.200 ±" in row
+
+
+@pytest.mark.parametrize("text", ["dpm2m", "dpm2m:", ":4", "dpm2m:x"])
+def test_suffix_errors(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="SOLVER:STEPS"):
+        cs.suffix_setting(text)

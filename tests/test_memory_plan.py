@@ -18,7 +18,7 @@ from egrpo_ray.algo.gradient_noise import GradientNoise
 from egrpo_ray.cli import main
 from egrpo_ray.config import LoraConfig, ModelConfig, load_config, validate
 from egrpo_ray.distributed.cluster import free_port
-from egrpo_ray.memory_plan import (ACTIVATION_BYTES, BACKWARD_WORKING_SET, GIB, learner_activation_bytes,
+from egrpo_ray.memory_plan import (ACTIVATION_BYTES, BACKWARD_WORKING_SET, GIB, learner_activation_bytes, rollout_batch_rows,
                                    learner_memory, plan_memory, policy_parts, saved_activation_bytes)
 from egrpo_ray.models import build_policy
 from egrpo_ray.parallel import prepare_for_training
@@ -304,3 +304,31 @@ def test_flux_hps_config_with_published_architecture(capsys):
     per_param = (learner.master + learner.gradients + learner.optimizer) / (n(parts.transformer) / 8)
     assert abs(per_param - 16) < 0.01
     assert learner.per_gpu < 80 * GIB
+
+
+FLUX_BASELINES = ["flux-dancegrpo", "flux-flowgrpo", "flux-g2rpo", "flux-hps-clip", "flux-mixgrpo"]
+
+
+@pytest.mark.parametrize("name", ["flux-hps", "flux-hps-lora", *FLUX_BASELINES])
+def test_every_shipped_flux_config_fits_one_8_x_80_gib_node(name):
+    plan = plan_memory(load_config(ROOT / f"configs/{name}.yaml"))
+    assert plan.fits and plan.gpus_needed == 8, [(g["workers"], g["bytes"] / GIB) for g in plan.gpus]
+
+
+@pytest.mark.parametrize("name", FLUX_BASELINES)
+def test_flux_baselines_learn_and_sample_as_flux_hps(name):
+    """A comparison on FLUX is fair only with the same model, schedule, group, learner and placement."""
+    ours, theirs = load_config(ROOT / "configs/flux-hps.yaml"), load_config(ROOT / f"configs/{name}.yaml")
+    assert theirs.model == ours.model
+    same = ["workers", "parallelism", "num_gpus", "iterations", "prompts_per_step", "lr", "epochs", "max_staleness"]
+    assert {k: getattr(theirs.learner, k) for k in same} == {k: getattr(ours.learner, k) for k in same}
+    rollout = ["workers", "prompts_per_batch", "num_gpus", "weight_sync"]
+    assert {k: getattr(theirs.rollout, k) for k in rollout} == {k: getattr(ours.rollout, k) for k in rollout}
+    assert (theirs.sampling.steps, theirs.sampling.shift, theirs.algorithm.group_size) == (16, 3.0, 12)
+
+
+def test_max_batch_rows_caps_the_planned_sampling_forward():
+    cfg = load_config(ROOT / "configs/flux-g2rpo.yaml")
+    capped = plan_memory(cfg).roles["rollout"]
+    whole = plan_memory(load_config(ROOT / "configs/flux-g2rpo.yaml", ["rollout.max_batch_rows=null"])).roles["rollout"]
+    assert rollout_batch_rows(cfg) == 48 and whole.phases["sampling"] == pytest.approx(2 * capped.phases["sampling"], rel=0.05)

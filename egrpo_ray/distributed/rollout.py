@@ -185,7 +185,8 @@ class RolloutWorker:
             generator = torch.Generator().manual_seed(batch_seed(self.cfg.seed, self.index, self.batches))
             prompts = self.cursor.take(self.cfg.rollout.prompts_per_batch)
             item = sample_and_score(self.policy, self.strategy, prompts, reward_fn, generator,
-                                    iteration=self.version, policy_version=self.version, worker=self.index)
+                                    iteration=self.version, policy_version=self.version, worker=self.index,
+                                    max_batch=self.cfg.rollout.max_batch_rows)
             self.batches += 1
             self.images += len(item.rollout.final_latents)
             self.busy_seconds += time.perf_counter() - t0
