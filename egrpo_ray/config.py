@@ -213,6 +213,9 @@ class LearnerConfig(Strict):
     # Measure how much of each update is signal (algo/gradient_noise.py): pairs of updates, one float32
     # gradient-sized buffer per rank (a shard under FSDP); the run's summary gives the share and the noise scale.
     gradient_noise: Bool = True
+    # Where that buffer lives: beside the gradients, or in (pinned) host memory, costing one copy of each
+    # first-epoch minibatch gradient across PCIe in the measured updates and no GPU memory.
+    gradient_noise_buffer: Literal["device", "host"] = "device"
     lr: Float = Field(2e-6, gt=0, le=1)
     weight_decay: Float = Field(1e-4, ge=0)
     adam_eps: Float = Field(1e-8, gt=0, le=1)  # AdamW's epsilon (torch's default); docs/benchmarks.md section 1

@@ -23,7 +23,8 @@ Per learner rank (``learner.parallelism``, world = ``learner.workers``):
   stay whole. Gradients and both AdamW moments are float32 shards. Transients: the root's parameters and two
   blocks (the one running + the prefetched next one) unsharded in the compute dtype, plus the running block's
   gradients in the compute dtype and again in float32 for the reduce-scatter.
-- ``learner.gradient_noise`` (on by default): one float32 copy of the gradients (a shard under FSDP).
+- ``learner.gradient_noise`` (on by default): one float32 copy of the gradients (a shard under FSDP), none
+  with ``learner.gradient_noise_buffer: host`` (the copy lives in host memory; the plan notes its size).
 - AdamW: two moments per trainable parameter in that parameter's dtype (its ``step`` counters are 0-dim CPU
   tensors, not counted). The foreach step allocates one more moment-sized temporary (sqrt of exp_avg_sq).
 
@@ -587,7 +588,11 @@ def learner_memory(cfg: ExperimentConfig, parts: Optional[PolicyParts] = None) -
     if not fsdp and world > 1:
         role.other["ddp buckets"] = grad_bytes
     if lc.gradient_noise:  # algo/gradient_noise.py: one float32 copy of the gradients (a shard under FSDP)
-        role.other["gradient noise buffer"] = sum(_nbytes(p, world if fsdp else 1, torch.float32) for p in trainable)
+        buffer = sum(_nbytes(p, world if fsdp else 1, torch.float32) for p in trainable)
+        if lc.gradient_noise_buffer == "device":
+            role.other["gradient noise buffer"] = buffer
+        else:
+            role.notes.append(f"gradient noise buffer in host memory: {buffer / GIB:.2f} GiB per rank")
     n_train = sum(p.numel() for p in trainable)
     if fsdp:
         blocks = [b for _, b in _blocks(parts.transformer)]

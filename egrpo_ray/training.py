@@ -52,7 +52,7 @@ def make_optimizer(policy: torch.nn.Module, learner: LearnerConfig) -> torch.opt
 
 def make_gradient_noise(learner: LearnerConfig) -> GradientNoise | None:
     """The run's gradient-noise measurement (``learner.gradient_noise``; one gradient-sized buffer per rank)."""
-    return GradientNoise() if learner.gradient_noise else None
+    return GradientNoise(on_host=learner.gradient_noise_buffer == "host") if learner.gradient_noise else None
 
 
 @torch.no_grad()

@@ -332,3 +332,12 @@ def test_max_batch_rows_caps_the_planned_sampling_forward():
     capped = plan_memory(cfg).roles["rollout"]
     whole = plan_memory(load_config(ROOT / "configs/flux-g2rpo.yaml", ["rollout.max_batch_rows=null"])).roles["rollout"]
     assert rollout_batch_rows(cfg) == 48 and whole.phases["sampling"] == pytest.approx(2 * capped.phases["sampling"], rel=0.05)
+
+
+def test_a_host_gradient_noise_buffer_takes_no_gpu_memory():
+    on_gpu = plan_memory(load_config(ROOT / "configs/flux-hps.yaml", ["learner.gradient_noise_buffer=device"]))
+    on_host = plan_memory(load_config(ROOT / "configs/flux-hps.yaml"))
+    buffer = on_gpu.roles["learner"].other["gradient noise buffer"]
+    assert "gradient noise buffer" not in on_host.roles["learner"].other
+    assert on_gpu.roles["learner"].per_gpu - on_host.roles["learner"].per_gpu == buffer
+    assert f"gradient noise buffer in host memory: {buffer / GIB:.2f} GiB per rank" in on_host.roles["learner"].notes

@@ -9,15 +9,16 @@ from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.algo.update import UpdateSettings, grpo_update
 from egrpo_ray.config import load_config
 from egrpo_ray.models import build_policy
-from egrpo_ray.training import group_advantages
+from egrpo_ray.training import group_advantages, make_gradient_noise
 
 
 def _flat(grads) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads]).double()
 
 
-def test_pairs_of_updates_match_the_gradients_the_optimizer_saw():
-    cfg = load_config(None, ["algorithm.group_size=4", "sampling.steps=8"])
+@pytest.mark.parametrize("buffer", ["device", "host"])
+def test_pairs_of_updates_match_the_gradients_the_optimizer_saw(buffer):
+    cfg = load_config(None, ["algorithm.group_size=4", "sampling.steps=8", f"learner.gradient_noise_buffer={buffer}"])
     torch.manual_seed(0)
     policy = build_policy(cfg.model)
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
@@ -34,7 +35,7 @@ def test_pairs_of_updates_match_the_gradients_the_optimizer_saw():
     settings = UpdateSettings(clip_range=1e-3, old_logprob="recompute", kl_beta=0.0, rows_per_minibatch=3, epochs=2,
                               grad_clip=1e9)
     prompts = ["a red circle left of a blue square", "two green triangles"]
-    noise, reported, per_update = GradientNoise(), [], []
+    noise, reported, per_update = make_gradient_noise(cfg.learner), [], []
     for update in range(3):
         batch = strategy.rollout(policy, policy.encode_prompts(prompts), prompts, policy.latent_shape,
                                  torch.Generator().manual_seed(update))
@@ -54,6 +55,7 @@ def test_pairs_of_updates_match_the_gradients_the_optimizer_saw():
     assert reported[1]["grad_signal_sq"] == pytest.approx(float(a1 @ a0), rel=1e-4)
     assert reported[2]["grad_step_sq"] == pytest.approx(float(a2 @ a2), rel=1e-5)
     assert noise.buffer_bytes == sum(p.numel() * 4 for p in params)  # one float32 copy of the gradients
+    assert {t.device.type for t in noise._kept if t is not None} == {"cpu"}  # the host, or this CPU's "device"
 
 
 def _synthetic_run(true_sq: float, pairs: int, prompts: int, seed: int) -> list[dict]:

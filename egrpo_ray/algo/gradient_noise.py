@@ -4,7 +4,9 @@ An update's gradient A (the mean of its minibatch gradients, before clipping) is
 noise: E|A|^2 = |G|^2 + tr(S) / P, with P the prompts per update and tr(S) one prompt's gradient noise
 (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"). Two updates sample independent
 prompts and noise, so the dot product of their gradients estimates |G|^2 without bias. ``GradientNoise``
-takes updates in pairs, keeping one float32 gradient-sized buffer (sharded like the gradients under FSDP):
+takes updates in pairs, keeping one float32 gradient-sized buffer (sharded like the gradients under FSDP), on
+the gradients' device or, with ``on_host``, in host memory (a 12B full fine-tune has no 11 GiB per rank to spare;
+each first-epoch minibatch of a pair then copies its gradient across once):
 - the first of a pair keeps its gradient and reports ``grad_step_sq`` = |A|^2;
 - the second dots its own into it and reports ``grad_signal_sq`` = A . A_prev (negative when noise wins).
 Pairs never share an update, so their estimates are independent: ``signal_share`` turns a run's records into
@@ -39,7 +41,9 @@ class GradientNoise:
     each first-epoch backward and ``finish`` after the update, in the same order (``finish`` is a collective
     under FSDP)."""
 
-    def __init__(self):
+    def __init__(self, on_host: bool = False):
+        self._on_host = on_host
+        self._device: Optional[torch.device] = None  # the gradients' (the all-reduce runs there)
         self._kept: Optional[list[Optional[torch.Tensor]]] = None  # float32, one per parameter (None: no grad)
         self._storing = True  # the first update of a pair keeps its gradient
         self._minibatches = 0
@@ -54,6 +58,7 @@ class GradientNoise:
     def add(self, params: Sequence[torch.Tensor]) -> None:
         """One minibatch's gradients (``p.grad``, before clipping)."""
         grads = [(None, False) if p.grad is None else _local(p.grad) for p in params]
+        self._device = next((g.device for g, _ in grads if g is not None), self._device)
         if self._storing:
             if self._kept is None:
                 self._kept, self._is_shard = [None] * len(grads), [False] * len(grads)
@@ -65,13 +70,18 @@ class GradientNoise:
                 if g is None:
                     continue
                 if self._kept[i] is None:
-                    self._kept[i] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+                    self._kept[i] = self._new_buffer(g)
                     self._is_shard[i] = shard
-                self._kept[i].add_(g.float())
+                self._kept[i].add_(g.float().to(self._kept[i].device))
         else:
             dots = _dots(grads, self._kept)
             self._dots = dots if self._dots is None else self._dots + dots
         self._minibatches += 1
+
+    def _new_buffer(self, g: torch.Tensor) -> torch.Tensor:
+        if not self._on_host:
+            return torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        return torch.zeros(g.shape, dtype=torch.float32, pin_memory=g.is_cuda)  # pinned: faster copies
 
     def finish(self) -> dict[str, float]:
         """This update's statistic: ``grad_step_sq`` or ``grad_signal_sq`` (empty if it saw no minibatch)."""
@@ -89,9 +99,10 @@ class GradientNoise:
 
     def _reduce(self, dots: Optional[torch.Tensor]) -> float:
         """Sum the sharded part over ranks (every rank holds a slice of each sharded gradient)."""
+        device = self._device or torch.device("cpu")
         if dots is None:  # no gradient on this rank (every rank still joins the reduce)
-            device = next((t.device for t in self._kept or [] if t is not None), torch.device("cpu"))
             dots = torch.zeros(2, dtype=torch.float64, device=device)
+        dots = dots.to(device)  # a host buffer's |A|^2 is summed on the host; NCCL reduces device tensors
         if any(self._is_shard) and dist.is_available() and dist.is_initialized():
             sharded = dots[:1].clone()
             dist.all_reduce(sharded)
@@ -107,7 +118,7 @@ def _dots(grads: Iterable[tuple[Optional[torch.Tensor], bool]], kept: list[Optio
             continue
         if out is None:
             out = torch.zeros(2, dtype=torch.float64, device=g.device)
-        out[0 if sharded else 1] += torch.dot(g.float().flatten(), k.flatten()).double()
+        out[0 if sharded else 1] += torch.dot(g.float().flatten(), k.to(g.device).flatten()).double()
     return out
 
 
