@@ -123,6 +123,9 @@ REWARD_PARAMS = {
     "imagereward": (447_000_000, "BLIP ViT-L + BERT-base (ImageReward.pt, 1.79 GB float32)"),
 }
 REWARD_VIT = {"hps": (257, 1280), "pickscore": (257, 1280), "clip": (257, 1024), "imagereward": (577, 1024)}
+# The CLIP score's other published checkpoint, known by the directory name a (placeholder) path gives it
+CLIP_H14 = "clip-vit-h-14-laion2b-s32b-b79k"
+CLIP_H14_SIZE = (986_109_000, "CLIP ViT-H/14 (laion2B)")
 
 # Bytes saved for backward per token per hidden unit per row, by one block (see the module docstring), by device
 # and precision regime: "fp32"; "bf16" (16-bit weights and compute: LoRA, full fine-tune without master weights,
@@ -675,6 +678,7 @@ def reward_memory(rc: RewardConfig) -> RoleMemory:
         role.notes.append("programmatic reward: no model")
         return role
     path = Path(rc.path).expanduser() if rc.path else None
+    clip_h14 = rc.name == "clip" and path is not None and path.name.lower() == CLIP_H14
     if path is not None and path.is_file():
         role.weights["float32"] = path.stat().st_size
         role.notes.append(f"weights: the size of {path.name}")
@@ -690,10 +694,10 @@ def reward_memory(rc: RewardConfig) -> RoleMemory:
     else:
         if rc.model_name and rc.name == "hps" and rc.model_name != "ViT-H-14":
             raise ConfigError(f"rewards: hps model_name {rc.model_name!r} has no known size; give a local path")
-        params, what = REWARD_PARAMS[rc.name]
+        params, what = CLIP_H14_SIZE if clip_h14 else REWARD_PARAMS[rc.name]
         role.weights["float32"] = params * 4
         role.notes.append(f"weights: {what}, {params / 1e6:.0f}M parameters (published size; path not local)")
-    tokens, width = REWARD_VIT[rc.name]
+    tokens, width = REWARD_VIT["hps" if clip_h14 else rc.name]  # ViT-H/14: HPS's image tower
     e = 2 if rc.name == "hps" and rc.device.startswith("cuda") else 4  # HPS scores under fp16 autocast on CUDA
     role.activations = int(rc.batch_size * tokens * width * (16 * e))  # ~16 live values per token per unit
     role.phases["scoring"] = role.activations

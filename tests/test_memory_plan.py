@@ -16,10 +16,10 @@ from torch import nn
 
 from egrpo_ray.algo.gradient_noise import GradientNoise
 from egrpo_ray.cli import main
-from egrpo_ray.config import LoraConfig, ModelConfig, load_config, validate
+from egrpo_ray.config import LoraConfig, ModelConfig, RewardConfig, load_config, validate
 from egrpo_ray.distributed.cluster import free_port
 from egrpo_ray.memory_plan import (ACTIVATION_BYTES, BACKWARD_WORKING_SET, GIB, learner_activation_bytes, rollout_batch_rows,
-                                   learner_memory, plan_memory, policy_parts, saved_activation_bytes)
+                                   learner_memory, plan_memory, policy_parts, reward_memory, saved_activation_bytes)
 from egrpo_ray.models import build_policy
 from egrpo_ray.parallel import prepare_for_training
 from tests import tiny_real_models as real
@@ -341,3 +341,23 @@ def test_a_host_gradient_noise_buffer_takes_no_gpu_memory():
     assert "gradient noise buffer" not in on_host.roles["learner"].other
     assert on_gpu.roles["learner"].per_gpu - on_host.roles["learner"].per_gpu == buffer
     assert f"gradient noise buffer in host memory: {buffer / GIB:.2f} GiB per rank" in on_host.roles["learner"].notes
+
+
+# the published CLIPModel configs (openai/clip-vit-large-patch14, laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+CLIP_L14 = dict(text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+                vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                   patch_size=14), projection_dim=768)
+CLIP_H14 = dict(text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+                vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                                   patch_size=14), projection_dim=1024)
+
+
+@pytest.mark.parametrize("name,config", [("openai/clip-vit-large-patch14", CLIP_L14),
+                                         ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", CLIP_H14)])
+def test_clip_reward_published_size_follows_the_checkpoint_a_path_names(name, config):
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in CLIPModel(CLIPConfig(**config)).parameters())
+    reward = RewardConfig(name="clip", path=f"/models/{name.split('/')[1]}", device="cuda", num_gpus=0.2)
+    assert reward_memory(reward).weights["float32"] == pytest.approx(params * 4, rel=1e-5)
