@@ -73,7 +73,7 @@ def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
     fn = prepare_for_training(policy, "fsdp", torch.float32, torch.device("cpu"))
     optimizer = _optimizer(policy)
     mine = [rows[rank * 2 : rank * 2 + 2] for rows in ROWS]
-    noise = GradientNoise()
+    noise = GradientNoise(on_host=lora)  # both buffers: the full model's beside the gradients, LoRA's on the host
     first = _update(fn, policy, optimizer, mine, noise)
     save_checkpoint(out, 1, policy, optimizer, {"policy_version": 1}, lora=lora, export_dtype=torch.float32)
     after_one = full_trainable_state(policy)
