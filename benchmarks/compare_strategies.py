@@ -297,6 +297,12 @@ def load_runs(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
 
 
+def table_order(variant: str) -> tuple[int, str]:
+    """The strategies first, in their STRATEGIES order, then the extras by name."""
+    order = list(STRATEGIES)
+    return (order.index(variant) if variant in order else len(order), variant)
+
+
 def report(out: Path, docs_dir: Path | None) -> str:
     every = load_runs(out)
     sweep = [r for r in every if r["phase"] == "sweep"]
@@ -307,7 +313,7 @@ def report(out: Path, docs_dir: Path | None) -> str:
         pick = chosen.get(r["variant"] if swept else "egrpo", r["lr"])
         return r["phase"] != "sweep" and ("@" in r["variant"] or r["lr"] == pick)
 
-    runs = [r for r in every if current(r)]
+    runs = sorted((r for r in every if current(r)), key=lambda r: table_order(r["variant"]))
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["variant"], {})[r["seed"]] = r
@@ -343,7 +349,7 @@ def report(out: Path, docs_dir: Path | None) -> str:
         lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
         lrs = sorted({r["lr"] for r in sweep})
         lines += ["| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
-        for name in dict.fromkeys(r["variant"] for r in sweep):
+        for name in sorted({r["variant"] for r in sweep}, key=table_order):
             cells = []
             for lr in lrs:
                 vals = [r["change"] for r in sweep if r["variant"] == name and r["lr"] == lr]
