@@ -23,7 +23,8 @@ they share one GPU (the tiny model's forwards are tiny: a GPU runs many such pro
 ``report`` prints (and writes to <out>/report.md) the tables: mean and 95% t-interval of the held-out change per
 strategy (at the end and halfway), paired differences against E-GRPO (paired by seed: same prompts stream and
 noise; "resolved" only under a Bonferroni correction over the table's comparisons), the training-prompt reward,
-quality per strategy, and writes the reward-vs-compute curves as PNG.
+quality per strategy, the share of an update that is signal while training (learner.gradient_noise, pooled over
+seeds), and writes the reward-vs-compute curves as PNG.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def forward_equivalents(metrics: dict, rollout_forwards: int) -> float:
 
 
 def one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen, iteration: int,
-                  optimizer_steps: int):
+                  optimizer_steps: int, noise=None):
     """Sample and score one batch on-policy, then one update; returns (item, metrics, FE spent). On the first
     iteration it sizes the minibatches so that every strategy takes ``optimizer_steps`` optimizer steps."""
     from egrpo_ray.training import learn, sample_and_score
@@ -95,7 +96,7 @@ def one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_g
                             iteration, policy_version=iteration)
     if iteration == 0:
         cfg.learner.minibatch_rows = max(1, math.ceil(len(item.rollout.step_index) / optimizer_steps))
-    metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, policy_version=iteration)
+    metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, policy_version=iteration, noise=noise)
     return item, metrics, forward_equivalents(metrics, item.rollout.forwards)
 
 
@@ -111,7 +112,7 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe, validation_prompts
     from egrpo_ray.quality import image_quality
     from egrpo_ray.rewards import build_reward
-    from egrpo_ray.training import make_optimizer, make_reward_fn
+    from egrpo_ray.training import make_gradient_noise, make_optimizer, make_reward_fn
 
     cfg = load_config(CONFIG, COMMON + job.settings + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
     torch.manual_seed(cfg.seed)
@@ -125,6 +126,7 @@ def run_job(job: Job) -> dict:
     cursor = PromptCursor(train, cfg.seed)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
     learner_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    noise = make_gradient_noise(cfg.learner)  # the share of each update that is signal; it draws no random numbers
 
     def evaluate() -> dict:
         value, images = heldout_reward(policy, scored, reward_fn, cfg, EVAL_SEED, draws=job.draws)
@@ -133,10 +135,11 @@ def run_job(job: Job) -> dict:
 
     t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
     marks = [p * job.budget for p in CURVE_POINTS]
-    train_rewards = []
+    train_rewards, signal = [], []
     while spent < job.budget:
         item, metrics, fe = one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen,
-                                          iteration, job.optimizer_steps)  # every strategy: as many optimizer steps
+                                          iteration, job.optimizer_steps, noise)  # every strategy: as many optimizer steps
+        signal.append({k: metrics[k] for k in ("grad_step_sq", "grad_signal_sq") if k in metrics})
         if iteration == 0:
             rows = len(item.rollout.step_index)
         spent += fe
@@ -153,6 +156,7 @@ def run_job(job: Job) -> dict:
             "train_reward_last": sum(train_rewards[-3:]) / len(train_rewards[-3:]),
             "quality_base": {k: v for k, v in base.items() if k.startswith("quality_")},
             "quality_after": {k: v for k, v in final.items() if k.startswith("quality_")},
+            "gradient_signal": signal, "prompts_per_step": cfg.learner.prompts_per_step,
             "seconds": time.perf_counter() - t0}
 
 
@@ -337,6 +341,7 @@ def report(out: Path, docs_dir: Path | None) -> str:
                   f"{runs[0]['draws']} draws, ODE, the same noise; base {runs[0]['curve'][0]['train_reward']:.3f}):", "",
                   "| strategy | change (95% CI) | vs E-GRPO, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |"]
         lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "train_change")]
+    lines += signal_table(by)
     lines += ["", "Image quality after training (not part of the reward; mean over seeds; base in the first row):", ""]
     qkeys = sorted(next(iter(runs))["quality_after"])
     lines += ["| strategy | " + " | ".join(k.removeprefix("quality_") for k in qkeys) + " |",
@@ -361,6 +366,34 @@ def report(out: Path, docs_dir: Path | None) -> str:
     if docs_dir is not None:
         plot_curves(by, docs_dir / "reward_vs_compute.png")
     return text
+
+
+def signal_table(by: dict[str, dict[int, dict]]) -> list[str]:
+    """The share of an update that is signal while training (learner.gradient_noise), pairs pooled over seeds;
+    strategies whose runs predate the measure are left out."""
+    from egrpo_ray.algo.gradient_noise import signal_share
+
+    rows, prompts = [], None
+    for name, seeds in by.items():
+        rs = list(seeds.values())
+        if not all("gradient_signal" in r for r in rs):
+            continue
+        prompts = rs[0]["prompts_per_step"]
+        stats = signal_share([x for r in rs for x in r["gradient_signal"]], prompts)
+        if stats is None:
+            rows.append(f"| {name} | fewer than 2 | | |")
+            continue
+        if "noise_scale_prompts" in stats:
+            scale = f"{stats['noise_scale_prompts']:.0f} ({stats['noise_scale_low']:.0f}-{stats['noise_scale_high']:.0f})"
+        else:
+            scale = f"at least {stats['noise_scale_at_least']:.0f}" if "noise_scale_at_least" in stats else "not resolved"
+        rows.append(f"| {name} | {stats['pairs']} | {stats['share']:.1%} ({stats['share_low']:.1%} to "
+                    f"{stats['share_high']:.1%}) | {scale} |")
+    if not rows:
+        return []
+    return ["", f"Gradient signal share of an update while training ({prompts} prompts an update; pairs of updates "
+            "pooled over seeds; B_noise: the prompts at which an update is half signal):", "",
+            "| strategy | pairs | share (95% CI) | B_noise, prompts (95% CI) |", "| --- | --- | --- | --- |", *rows]
 
 
 def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:

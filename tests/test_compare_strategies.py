@@ -131,3 +131,18 @@ def test_report_takes_each_extra_at_its_own_pick_and_older_ones_at_egrpos(tmp_pa
 def test_suffix_errors(text):
     with pytest.raises(argparse.ArgumentTypeError, match="SOLVER:STEPS"):
         cs.suffix_setting(text)
+
+
+def test_report_pools_each_strategys_gradient_signal_over_seeds(tmp_path):
+    from egrpo_ray.algo.gradient_noise import signal_share
+
+    def records(seed):  # 3 pairs of updates a seed
+        return [x for k in range(3) for x in ({"grad_step_sq": 1.0 + k}, {"grad_signal_sq": 0.1 * (seed + k)})]
+
+    rows = [{**_run("egrpo", s, 0.0), "gradient_signal": records(s), "prompts_per_step": 4} for s in range(2)]
+    _write(tmp_path, rows + [_run("older", s, 0.0) for s in range(2)])  # runs from before the measure
+    table = cs.report(tmp_path, None).split("Gradient signal share")[1].split("Image quality")[0]
+    pooled = signal_share(records(0) + records(1), 4)
+    assert pooled["pairs"] == 6 and "4 prompts an update" in table
+    assert f"| egrpo | 6 | {pooled['share']:.1%} ({pooled['share_low']:.1%} to {pooled['share_high']:.1%}) |" in table
+    assert "older" not in table
