@@ -11,7 +11,8 @@ Measures, in one process (about 2-3 minutes on an H100):
 4. a 1-rank FSDP full fine-tune step (egrpo_ray/parallel.py: float32 master weights, bf16 compute, AdamW)
    on a FLUX-width transformer with fewer blocks (the full 12B needs 16 B/param = 192 GB on one rank; the
    paper's setting shards it over 8 ranks), its peak memory against ``egrpo-ray plan --memory``'s
-   estimate for the same model (egrpo_ray/memory_plan.py);
+   estimate for the same model (egrpo_ray/memory_plan.py); then pairs of steps without and with the
+   gradient-noise measure, its buffer on the GPU and in host memory (time and peak memory);
 5. the collective weight sync (egrpo_ray/distributed/weight_sync.py) of the full bf16 FLUX.1-dev
    transformer (~24 GB) between two processes, run first while the GPU is empty: nccl (NCCL refuses two
    ranks on one GPU, so on a one-GPU machine this records its error) and gloo through host memory;
@@ -167,9 +168,31 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
                "plan_phases_gib": {k: round(v / 2**30, 2) for k, v in plan.phases.items()}}
         if measured:
             out["plan_error"] = round(planned / measured - 1, 3)  # the target: within +-0.15
+        out.update(gradient_noise_cost(fn, policy, item, cfg, strategy, opt, device))
         return out
     finally:
         dist.destroy_process_group()
+
+
+def gradient_noise_cost(fn, policy, item, cfg, strategy, opt, device) -> dict:
+    """Learner steps in pairs without and with learner.gradient_noise (its buffer on the GPU, then in pinned host
+    memory): seconds per pair and the buffer's extra peak GPU memory."""
+    from egrpo_ray.algo.gradient_noise import GradientNoise
+    from egrpo_ray.training import learn
+
+    out = {}
+    for where in ("none", "device", "host"):
+        noise = None if where == "none" else GradientNoise(on_host=where == "host")
+        reset_peak(device)
+        sync(device)
+        t = time.perf_counter()
+        for k in range(2):  # the first keeps its gradient, the second dots into it
+            learn(fn, policy, [item], cfg, strategy, opt, torch.Generator().manual_seed(5 + k), noise=noise)
+        sync(device)
+        out[f"noise_{where}_pair_seconds"] = round(time.perf_counter() - t, 2)
+        out[f"noise_{where}_peak_gib"] = peak_gib(device)
+    out["noise_host_time_ratio"] = round(out["noise_host_pair_seconds"] / out["noise_none_pair_seconds"], 3)
+    return out
 
 
 def _sync_rank(rank: int, port: int, dims: dict, device_type: str, backend: str, bucket_mb: int, result) -> None:
