@@ -386,7 +386,8 @@ def signal_table(by: dict[str, dict[int, dict]]) -> list[str]:
         if "noise_scale_prompts" in stats:
             scale = f"{stats['noise_scale_prompts']:.0f} ({stats['noise_scale_low']:.0f}-{stats['noise_scale_high']:.0f})"
         else:
-            scale = f"at least {stats['noise_scale_at_least']:.0f}" if "noise_scale_at_least" in stats else "not resolved"
+            scale = (f"at least {stats['noise_scale_at_least']:.0f}" if "noise_scale_at_least" in stats
+                     else "share below 0: consecutive updates disagree" if stats["share_high"] < 0 else "not resolved")
         rows.append(f"| {name} | {stats['pairs']} | {stats['share']:.1%} ({stats['share_low']:.1%} to "
                     f"{stats['share_high']:.1%}) | {scale} |")
     if not rows:
