@@ -199,6 +199,8 @@ class LearnerConfig(Strict):
     # ddp: every rank holds the whole model, gradients and optimizer state (LoRA, small models);
     # fsdp: FSDP2 shards them per transformer block, float32 master weights, bf16 compute (full fine-tunes).
     parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # auto: nccl with GPUs, else gloo. nccl runs as "cpu:gloo,cuda:nccl": the learner's small CPU reductions
+    # (minibatch counts, metrics) go through gloo, since NCCL reduces CUDA tensors only.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     num_cpus: Float = Field(0.5, ge=0)
     num_gpus: Float = Field(0.0, ge=0)

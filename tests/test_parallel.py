@@ -186,3 +186,42 @@ def test_fsdp_bf16_compute_with_checkpointing_matches_the_unsharded_bf16_model()
         assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
     finally:
         dist.destroy_process_group()
+
+
+def _learner_collectives(rank: int, port: int, backend: str, out: str) -> None:
+    """The learner's CPU reductions (minibatch count, step metrics) on 2 ranks of a ``backend`` group."""
+    from egrpo_ray.distributed.learner import _collective, _reduce_metrics
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    try:
+        result = {"count": _collective(float(rank + 3), "max"),
+                  **_reduce_metrics({"grad_norm": rank + 1.0, "samples": 4.0, "loss": float(rank)}, 2)}
+    except RuntimeError as err:
+        result = {"error": str(err)}
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def test_a_gpu_learner_group_has_gloo_for_its_cpu_tensors():
+    from egrpo_ray.config import load_config
+    from egrpo_ray.distributed.driver import _learner_scaling
+
+    assert _learner_scaling(load_config(None, ["learner.num_gpus=1"]))[1].backend == "cpu:gloo,cuda:nccl"
+    assert _learner_scaling(load_config(None, ["learner.backend=nccl"]))[1].backend == "cpu:gloo,cuda:nccl"
+    assert _learner_scaling(load_config(None))[1].backend == "gloo"
+
+
+@pytest.mark.parametrize("gloo_for_cpu", [True, False])
+def test_learner_cpu_reductions_need_gloo_beside_the_gpu_backend(tmp_path, gloo_for_cpu):
+    """NCCL serves CUDA tensors only. With no GPU here, gloo registered for the cuda device type alone stands
+    in for it: it leaves CPU tensors as unserved as a plain "nccl" group does."""
+    backend = "cpu:gloo,cuda:gloo" if gloo_for_cpu else "cuda:gloo"
+    out = tmp_path / "result.pt"
+    mp.spawn(_learner_collectives, args=(free_port(), backend, str(out)), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    if gloo_for_cpu:
+        assert result == {"count": 4.0, "grad_norm": 2.0, "samples": 8.0, "loss": 0.5}
+    else:
+        assert "No backend type associated with device type cpu" in result["error"]

@@ -46,6 +46,11 @@ FAILURE_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+# learner.backend -> the process group's. NCCL reduces CUDA tensors only ("No backend type associated with
+# device type cpu"); the learner's CPU reductions (learner.py: minibatch counts, metrics) need gloo beside it.
+LEARNER_BACKENDS = {"gloo": "gloo", "nccl": "cpu:gloo,cuda:nccl"}
+
+
 class LearnerFailed(RuntimeError):
     """The learner failed more often than learner.max_failures allows (one line; the run can be resumed)."""
 
@@ -59,7 +64,8 @@ def _learner_scaling(cfg: ExperimentConfig):
     if use_gpu:
         resources["GPU"] = cfg.learner.num_gpus
     backend = cfg.learner.backend if cfg.learner.backend != "auto" else ("nccl" if use_gpu else "gloo")
-    return ScalingConfig(num_workers=cfg.learner.workers, use_gpu=use_gpu, resources_per_worker=resources), TorchConfig(backend=backend)
+    return (ScalingConfig(num_workers=cfg.learner.workers, use_gpu=use_gpu, resources_per_worker=resources),
+            TorchConfig(backend=LEARNER_BACKENDS[backend]))
 
 
 def new_run_name(output_dir: Path) -> str:
