@@ -225,3 +225,28 @@ def test_learner_cpu_reductions_need_gloo_beside_the_gpu_backend(tmp_path, gloo_
         assert result == {"count": 4.0, "grad_norm": 2.0, "samples": 8.0, "loss": 0.5}
     else:
         assert "No backend type associated with device type cpu" in result["error"]
+
+
+def _batch_scope_rank(rank: int, port: int, rewards: torch.Tensor, group: torch.Tensor, out: str) -> None:
+    _init_group(rank, 2, port)
+    mine = group % 2 == rank  # each rank holds every other group, renumbered from 0
+    adv = combine_rewards({"r": rewards[mine]}, {"r": 1.0}, group[mine] // 2, "reward", 1e-8, 5.0, "population",
+                          "each_reward", "batch")
+    torch.save(adv.values, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_batch_wide_std_spans_every_learner_rank(tmp_path):
+    """Flow-GRPO's global std gathers every GPU's rewards: two ranks with half the groups each give the
+    advantages one process gives for the whole batch."""
+    group = torch.arange(6).repeat_interleave(4)
+    rewards = torch.rand(24, generator=torch.Generator().manual_seed(0)) * (1 + group)  # groups differ in spread
+    whole = combine_rewards({"r": rewards}, {"r": 1.0}, group, "reward", 1e-8, 5.0, "population", "each_reward",
+                            "batch").values
+    out = str(tmp_path / "adv")
+    mp.spawn(_batch_scope_rank, args=(free_port(), rewards, group, out), nprocs=2, join=True)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}", weights_only=True), whole[group % 2 == rank])
+    local = combine_rewards({"r": rewards[group % 2 == 0]}, {"r": 1.0}, group[group % 2 == 0] // 2, "reward", 1e-8,
+                            5.0, "population", "each_reward", "batch").values
+    assert not torch.allclose(local, whole[group % 2 == 0])  # one rank's own spread would differ

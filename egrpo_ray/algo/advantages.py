@@ -6,7 +6,8 @@ the caller picks (the strategy resolves its own source's default):
   "population" (numpy's default, divides by n: Flow-GRPO);
 - std scope: "group" (each group's own spread: every source but one) or "batch" (one spread over every
   sample of the update, each group keeping its own mean: Flow-GRPO's ``global_std``, on by default in its
-  shipped configs). With several learner ranks "batch" is the rank's batch (the source gathers all GPUs);
+  shipped configs). With several learner ranks (an initialised torch.distributed group) the spread is over
+  every rank's samples, as the source gathers all GPUs' rewards: every rank must then compute it;
 - clip order in "advantage" mode: "after_sum" clamps the weighted sum of the per-reward z-scores (every
   source clamps in the loss, after the sum), "each_reward" clamps each z-score before the sum.
 A group whose rewards have no spread carries no signal: it is flagged so the loss skips it, and
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Mapping
 
 import torch
+import torch.distributed as dist
 
 ZERO_STD = 1e-6  # below this spread a group is treated as constant
 StdKind = Literal["population", "unbiased"]
@@ -54,8 +56,25 @@ def _zscores(rewards: torch.Tensor, group: torch.Tensor, eps: float, std: StdKin
         raise ValueError(f"advantage std scope must be 'group' or 'batch', got {scope!r}")
     rewards = rewards.double()
     mean, sd = _group_stats(rewards, group, int(group.max()) + 1, std)
-    spread = sd[group] if scope == "group" else _group_stats(rewards, torch.zeros_like(group), 1, std)[1]
+    spread = sd[group] if scope == "group" else _batch_spread(rewards, std)
     return (rewards - mean[group]) / (spread + eps), sd > ZERO_STD
+
+
+def _batch_spread(rewards: torch.Tensor, std: StdKind) -> torch.Tensor:
+    """The std of every sample of the update, on every learner rank (two passes: count and sum, then the
+    squared deviations, each summed over the ranks)."""
+    count_sum = torch.stack([torch.tensor(float(len(rewards)), dtype=torch.float64), rewards.sum()])
+    _sum_over_ranks(count_sum)
+    count, total = count_sum.tolist()
+    sq = ((rewards - total / count) ** 2).sum().reshape(1)
+    _sum_over_ranks(sq)
+    dof = max(count - 1, 1) if std == "unbiased" else count
+    return (sq[0] / dof).sqrt()
+
+
+def _sum_over_ranks(t: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
 
 
 def _finish(z: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, clip: float) -> Advantages:
