@@ -122,9 +122,10 @@ def _init_single_rank_group(device) -> None:
     import torch.distributed as dist
 
     from egrpo_ray.distributed.cluster import free_port
+    from egrpo_ray.distributed.driver import LEARNER_BACKENDS  # the learner's own group: gloo beside NCCL
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    dist.init_process_group(LEARNER_BACKENDS["nccl" if device.type == "cuda" else "gloo"], rank=0, world_size=1)
 
 
 def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> dict:
