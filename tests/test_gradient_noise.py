@@ -56,9 +56,14 @@ def test_rollout_gradient_is_the_step_the_training_loop_takes():
     assert len(steps) == 1 and grad.norm() > 0  # one minibatch of every row, on-policy
     torch.testing.assert_close(steps[0], grad, rtol=1e-5, atol=1e-9)  # float summation order
 
+    parts = gn.step_gradients(policy, strategy, cfg, item)  # --by-step: the same gradient, split by trained step
+    assert sorted(parts) == sorted(set(item.rollout.step_index.tolist())) and len(parts) > 1
+    assert all(part.norm() > 0 for part in parts.values())
+    torch.testing.assert_close(sum(parts.values()), grad, rtol=1e-5, atol=1e-9)
+
 
 def test_small_run_prints_the_noise_scale_and_compares_saved_means(capsys, tmp_path):
-    for name, extra in (("a", ["--by-module"]), ("b", ["--seed", "1", "--random-reward"])):
+    for name, extra in (("a", ["--by-module", "--by-step"]), ("b", ["--seed", "1", "--random-reward"])):
         gn.main(["--rollouts", "4", "--bootstrap", "50", "--train-count", "1",
                  "--save-mean", str(tmp_path / f"{name}.safetensors"), *extra])
     out = capsys.readouterr().out
@@ -66,6 +71,7 @@ def test_small_run_prints_the_noise_scale_and_compares_saved_means(capsys, tmp_p
     assert re.search(r"egrpo on random rewards, .*4 rollouts", out)
     assert re.search(r"B_noise = tr\(S\)/\|G\|\^2 = \S+ rollouts, 95% CI \[", out)
     assert "transformer.transformer_blocks.0" in out and "FE for one signal-dominated step" in out
+    assert re.search(r"^0->1 +1\.000->0\.978 ", out, re.M) and "cross terms between steps" in out
     gn.main(["--compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("run") and "/ a (95% CI)" in table[0] and "cosine of expected gradients" in table[0]
