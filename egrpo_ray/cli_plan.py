@@ -15,7 +15,8 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift", type=float, help="schedule shift a")
     p.add_argument("--eta", type=float, help="SDE noise level")
     p.add_argument("--tau", type=float, help="entropy threshold; 0 = no merging")
-    p.add_argument("--active-fraction", type=float, help="fraction of the schedule that branches")
+    p.add_argument("--active-fraction", type=float, help="fraction of the schedule that branches (where it ends)")
+    p.add_argument("--active-start", type=float, help="fraction of the schedule before which nothing branches")
     p.add_argument("--fixed-merge", type=int, metavar="L", help="merge every low-entropy step by L instead of adaptively")
     p.add_argument("--max-merge", type=int, help="cap on a merged step's length")
     p.add_argument("--group-size", type=int, help="G, for the cost (default: the config's algorithm.group_size)")
@@ -34,7 +35,8 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     for key, value in (("steps", args.steps), ("shift", args.shift), ("eta", args.eta)):
         if value is not None:
             sampling[key] = value
-    for key, value in (("tau", args.tau), ("active_fraction", args.active_fraction), ("max_merge", args.max_merge)):
+    for key, value in (("tau", args.tau), ("active_fraction", args.active_fraction),
+                       ("active_start", args.active_start), ("max_merge", args.max_merge)):
         if value is not None:
             merge[key] = value
     if args.fixed_merge is not None:
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, g, suffix = exp.sampling, exp.algorithm.group_size, exp.sampling.suffix
     m: MergeConfig = cfg.merge
     sigmas = shifted_sigmas(cfg.steps, cfg.shift)
-    plan = build_plan(sigmas, cfg.eta, m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction)
+    plan = build_plan(sigmas, cfg.eta, m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction, m.active_start)
     entropy = [step_entropy(sigmas, i, 1, cfg.eta) for i in range(cfg.steps)]
     cost, full_cost, paper_cost = rollout_forwards(plan, g, suffix), rollout_forwards(plan, g), paper_forwards(plan, g)
     if args.json:
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     starts = {i: l for i, l in plan.entries}
     print(f"steps {cfg.steps}  shift {cfg.shift}  eta {cfg.eta}  merge {m.mode}  tau {m.tau}  "
-          f"active fraction {m.active_fraction}")
+          f"active {m.active_start}-{m.active_fraction} of the schedule")
     print(f"{'step':>4} {'sigma':>8} {'E(i,1)':>8}  plan")
     covered = -1
     for i in range(cfg.steps):

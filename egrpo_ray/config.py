@@ -91,6 +91,16 @@ class MergeConfig(Strict):
     fixed_len: Int = Field(2, ge=1)
     max_merge: Optional[Int] = Field(None, ge=1)
     active_fraction: Float = Field(0.5, gt=0, le=1)
+    # Steps before this fraction of the schedule stay on the ODE anchor and never branch (0: branch from the
+    # start, as the paper does). Where a reward's signal sits mid-trajectory, skipping the first steps saves
+    # their costly full-length branches (docs/benchmarks.md section 1, probe 11).
+    active_start: Float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> "MergeConfig":
+        if self.active_start >= self.active_fraction:
+            raise ValueError(f"active_start ({self.active_start}) must be below active_fraction ({self.active_fraction})")
+        return self
 
 
 class SuffixConfig(Strict):

@@ -21,6 +21,7 @@ INVALID = [
     (None, ["sampling.merge.tau=-2"], "sampling.merge.tau: Input should be greater than or equal to 0"),
     (None, ["sampling.merge.mode=greedy"], "sampling.merge.mode: Input should be 'adaptive', 'fixed' or 'none'"),
     (None, ["sampling.merge.active_fraction=1.5"], "sampling.merge.active_fraction: Input should be less than or equal to 1"),
+    (None, ["sampling.merge.active_start=0.5"], "sampling.merge: active_start (0.5) must be below active_fraction (0.5)"),
     (None, ["algorithm.strategy=ppo"], "algorithm.strategy: Input should be 'egrpo', 'g2rpo', 'dancegrpo', 'flowgrpo' or 'mixgrpo'"),
     (None, ["algorithm.group_size=1"], "algorithm.group_size: Input should be greater than or equal to 2"),
     (None, ["algorithm.clip_range=0"], "algorithm.clip_range: Input should be greater than 0"),

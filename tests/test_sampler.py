@@ -43,6 +43,15 @@ def test_egrpo_cost_formula_against_the_paper_count():
     assert strategy.forwards_per_prompt() == 717 - 16 - 5 + 7
 
 
+def test_a_late_active_band_branches_only_there_and_costs_what_the_formula_says(toy_policy):
+    sampling = SamplingConfig(steps=8, shift=3.0, eta=0.7, merge=MergeConfig(active_start=0.5, active_fraction=1.0))
+    strategy = build_strategy(sampling, AlgorithmConfig(group_size=4))
+    assert strategy.plan.entries[0][0] == 4
+    r = _rollout(toy_policy, strategy)
+    assert set(r.step_index.tolist()) == {i for i, _ in strategy.plan.entries}
+    assert r.forwards == strategy.forwards_per_prompt() * len(PROMPTS)
+
+
 def test_branching_groups_share_the_anchor_and_branches_differ(toy_policy):
     strategy = _strategy("egrpo", g=4)
     r = _rollout(toy_policy, strategy)

@@ -100,6 +100,8 @@ def test_adaptive_fixed_and_no_merge_plans():
     assert build_plan(s, 0.7, "adaptive", 2.2, max_merge=2).entries == ((0, 1), (1, 1), (2, 2), (4, 2), (6, 2))
     full = build_plan(s, 0.7, "adaptive", 2.2, active_fraction=1.0)
     assert full.entries[-1][0] + full.entries[-1][1] == 16  # capped at the end of the schedule
+    band = build_plan(s, 0.7, "adaptive", 2.2, active_fraction=0.75, active_start=0.375)
+    assert band.entries == ((6, 3), (9, 4))  # nothing branches before step 6; the same windows as the full plan's
 
 
 def test_plan_is_printable_and_serialisable():

@@ -67,8 +67,10 @@ def build_plan(
     fixed_len: int = 2,
     max_merge: Optional[int] = None,
     active_fraction: float = 0.5,
+    active_start: float = 0.0,
 ) -> MergePlan:
-    """Walk i = 0, 1, ... over the active fraction of the schedule and choose each entry's length.
+    """Walk i over the active part of the schedule, [active_start, active_fraction) x T, and choose each
+    entry's length.
 
     adaptive: the smallest l with E(i, l) >= tau. fixed: l = fixed_len wherever the single step is
     low-entropy (E(i, 1) < tau), else 1. none (or tau = 0): every active step alone (G^2RPO).
@@ -76,7 +78,7 @@ def build_plan(
     """
     steps = len(sigmas) - 1
     active_end = steps * active_fraction
-    entries, i = [], 0
+    entries, i = [], int(steps * active_start)
     while i < active_end:
         cap = steps - i if max_merge is None else min(max_merge, steps - i)
         if mode == "none" or tau <= 0:

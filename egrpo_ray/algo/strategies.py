@@ -93,7 +93,8 @@ class BranchingStrategy(Strategy):
         super().__init__(sampling, algorithm)
         m = sampling.merge
         self.plan: MergePlan = build_plan(
-            self.kernel.sigmas, sampling.eta, merge_mode or m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction
+            self.kernel.sigmas, sampling.eta, merge_mode or m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction,
+            m.active_start,
         )
 
     def _rollout(self, fn, cond, prompts, noise, generator, iteration, max_batch) -> Rollout:
