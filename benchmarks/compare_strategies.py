@@ -11,8 +11,9 @@ Phases (one command runs them in order, skipping runs whose result file exists, 
 2. final:  each strategy at its own lr, ``--seeds`` seeds, scored on the held-out prompts at 4 points of the
            budget (curves), each score averaged over ``--draws`` noise draws per prompt; plus the image-quality
            check that is not part of the reward.
-3. extras: the step-subset ablation (E-GRPO merging in the first half of the steps vs all of them) and any
-           ``--suffix`` setting (issue 13: a coarse ODE suffix), same seeds. They are swept like the strategies
+3. extras: the step-subset ablation (E-GRPO merging in the first half of the steps vs all of them), any
+           ``--suffix`` setting (issue 13: a coarse ODE suffix) and any ``--band`` (E-GRPO branching only in a
+           band of the schedule, ``sampling.merge.active_start`` to ``active_fraction``), same seeds. They are swept like the strategies
            and run at their own pick: the suffix takes 2.6x the updates, so E-GRPO's lr need not be its best.
 Runs are single-threaded processes (torch.set_num_threads(1)), ``--workers`` at a time; with ``--device cuda``
 they share one GPU (the tiny model's forwards are tiny: a GPU runs many such processes at once).
@@ -205,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only}
-    extras = extra_variants(args.suffix) if "egrpo" in variants else {}
+    extras = extra_variants(args.suffix, args.band) if "egrpo" in variants else {}
     common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
                   settings=args.settings)
     lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers))
@@ -216,12 +217,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def extra_variants(suffixes: list[tuple[str, int]]) -> dict[str, list[str]]:
-    """The step-subset ablation and one E-GRPO variant per ``--suffix`` setting (solver, steps)."""
+def extra_variants(suffixes: list[tuple[str, int]], bands: list[tuple[float, float]] = ()) -> dict[str, list[str]]:
+    """The step-subset ablation, one E-GRPO variant per ``--suffix`` setting (solver, steps) and one per
+    ``--band`` (start, end)."""
     extras = dict(ABLATION)
     for solver, steps in suffixes:
         extras[f"egrpo-suffix-{solver}{steps}"] = ["algorithm.strategy=egrpo", f"sampling.suffix.solver={solver}",
                                                   f"sampling.suffix.steps={steps}"]
+    for start, end in bands:
+        extras[f"egrpo-band{start:g}-{end:g}"] = ["algorithm.strategy=egrpo", f"sampling.merge.active_start={start}",
+                                                 f"sampling.merge.active_fraction={end}"]
     return extras
 
 
@@ -438,6 +443,18 @@ def strategy_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected STRATEGY=LR, e.g. egrpo=1e-5") from None
 
 
+def band_setting(text: str) -> tuple[float, float]:
+    start, _, end = text.partition(":")
+    try:
+        band = float(start), float(end)
+    except ValueError:
+        band = (1.0, 0.0)
+    if not 0 <= band[0] < band[1] <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START:END fractions of the schedule, "
+                                         "0 <= START < END <= 1, e.g. 0.375:0.75")
+    return band
+
+
 def suffix_setting(text: str) -> tuple[str, int]:
     solver, _, steps = text.partition(":")
     if not solver or not steps.isdigit():
@@ -461,6 +478,8 @@ def main() -> int:
     r.add_argument("--device", default="cpu", help="where each run's policy lives (cuda: processes share the GPU)")
     r.add_argument("--only", nargs="*", help="strategies to run (default: all)")
     r.add_argument("--suffix", nargs="*", default=[], type=suffix_setting, help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
+    r.add_argument("--band", nargs="*", default=[], type=band_setting, help="extra E-GRPO runs that branch only "
+                   "in a band of the schedule, e.g. 0.375:0.75")
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",

@@ -104,14 +104,18 @@ def test_extras_are_swept_and_run_at_their_own_lr():
     args = argparse.Namespace(lrs=[1e-5, 1e-4], sweep_seeds=1, seeds=2, also_lr=[("egrpo", 3e-5)])
     common = dict(budget=100.0, draws=1, optimizer_steps=4)
     variants = {"egrpo": cs.STRATEGIES["egrpo"]}
-    extras = cs.extra_variants([cs.suffix_setting("dpm2m:4")])
+    extras = cs.extra_variants([cs.suffix_setting("dpm2m:4")], [cs.band_setting("0.375:0.75")])
     assert extras["egrpo-suffix-dpm2m4"][1:] == ["sampling.suffix.solver=dpm2m", "sampling.suffix.steps=4"]
+    assert extras["egrpo-band0.375-0.75"][1:] == ["sampling.merge.active_start=0.375",
+                                                  "sampling.merge.active_fraction=0.75"]
     swept = {(j.variant, j.lr) for j in cs.sweep_jobs({**variants, **extras}, args, common)}
-    assert swept == {(v, lr) for v in ("egrpo", "egrpo-all-steps", "egrpo-suffix-dpm2m4") for lr in (1e-5, 1e-4)}
-    lrs = {"egrpo": 1e-4, "egrpo-all-steps": 1e-5, "egrpo-suffix-dpm2m4": 1e-5}
+    assert swept == {(v, lr) for v in ("egrpo", "egrpo-all-steps", "egrpo-suffix-dpm2m4", "egrpo-band0.375-0.75")
+                     for lr in (1e-5, 1e-4)}
+    lrs = {"egrpo": 1e-4, "egrpo-all-steps": 1e-5, "egrpo-suffix-dpm2m4": 1e-5, "egrpo-band0.375-0.75": 3e-4}
     final = {(j.phase, j.variant, j.lr, j.seed) for j in cs.final_jobs(variants, extras, lrs, args, common)}
     assert final == {(phase, v, lr, s) for phase, v, lr in [("final", "egrpo", 1e-4), ("extra", "egrpo-all-steps", 1e-5),
                                                            ("extra", "egrpo-suffix-dpm2m4", 1e-5),
+                                                           ("extra", "egrpo-band0.375-0.75", 3e-4),
                                                            ("extra", "egrpo@3e-05", 3e-5)] for s in (0, 1)}
 
 
@@ -125,6 +129,12 @@ def test_report_takes_each_extra_at_its_own_pick_and_older_ones_at_egrpos(tmp_pa
     _write(tmp_path, [_run("egrpo-all-steps", 1000, 0.1 * (lr == 1e-5), phase="sweep", lr=lr) for lr in (1e-5, 1e-4)])
     row = _first_table(cs.report(tmp_path, None))["egrpo-all-steps"]
     assert row.startswith("| egrpo-all-steps | 1e-05 |") and "| +0.200 ±" in row
+
+
+@pytest.mark.parametrize("text", ["0.5", "0.5:0.5", "0.6:0.4", "x:0.5", "0:1.5"])
+def test_band_errors(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="START:END"):
+        cs.band_setting(text)
 
 
 @pytest.mark.parametrize("text", ["dpm2m", "dpm2m:", ":4", "dpm2m:x"])
