@@ -13,8 +13,9 @@ Phases (one command runs them in order, skipping runs whose result file exists, 
            check that is not part of the reward.
 3. extras: the step-subset ablation (E-GRPO merging in the first half of the steps vs all of them), any
            ``--suffix`` setting (issue 13: a coarse ODE suffix) and any ``--band`` (E-GRPO branching only in a
-           band of the schedule, ``sampling.merge.active_start`` to ``active_fraction``), same seeds. They are swept like the strategies
-           and run at their own pick: the suffix takes 2.6x the updates, so E-GRPO's lr need not be its best.
+           band of the schedule, ``sampling.merge.active_start`` to ``active_fraction``), same seeds. They are
+           swept like the strategies and run at their own pick: the suffix takes 2.6x the updates, so E-GRPO's
+           lr need not be its best.
 Runs are single-threaded processes (torch.set_num_threads(1)), ``--workers`` at a time; with ``--device cuda``
 they share one GPU (the tiny model's forwards are tiny: a GPU runs many such processes at once).
 
