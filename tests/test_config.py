@@ -110,4 +110,7 @@ def test_plan_cli_json_and_table(capsys):
     assert "plan: (0,1) (1,1) (2,1) (3,1) (4,1) (5,1) (6,1) (7,1)" in table
     assert main(["plan", "--fixed-merge", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"] == [[0, 1], [1, 1], [2, 4], [6, 4]]
+    assert main(["plan", "--active-start", "0.375", "--active-fraction", "0.75", "--json"]) == 0
+    band = json.loads(capsys.readouterr().out)
+    assert band["plan"] == [[6, 3], [9, 4]] and band["forwards_per_prompt"] == 10 + 8 * (7 + 3)  # G = 8
     assert main(["plan", "--steps", "0"]) == 2
