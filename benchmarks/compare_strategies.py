@@ -446,13 +446,14 @@ def strategy_lr(text: str) -> tuple[str, float]:
 
 def band_setting(text: str) -> tuple[float, float]:
     start, _, end = text.partition(":")
+    error = argparse.ArgumentTypeError(f"{text!r}: expected START:END fractions of the schedule, "
+                                       "0 <= START < END <= 1, e.g. 0.375:0.75")
     try:
         band = float(start), float(end)
     except ValueError:
-        band = (1.0, 0.0)
+        raise error from None
     if not 0 <= band[0] < band[1] <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected START:END fractions of the schedule, "
-                                         "0 <= START < END <= 1, e.g. 0.375:0.75")
+        raise error
     return band
 
 

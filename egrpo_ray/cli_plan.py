@@ -64,8 +64,9 @@ def run_memory(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     # imported here, not at the top: `egrpo-ray --help` must not import torch (egrpo_ray/cli.py)
-    from egrpo_ray.algo.entropy import build_plan, paper_forwards, rollout_forwards, step_entropy
+    from egrpo_ray.algo.entropy import paper_forwards, rollout_forwards, step_entropy
     from egrpo_ray.algo.schedule import shifted_sigmas
+    from egrpo_ray.algo.strategies import merge_plan
 
     if getattr(args, "memory", False):
         return run_memory(args)
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, g, suffix = exp.sampling, exp.algorithm.group_size, exp.sampling.suffix
     m: MergeConfig = cfg.merge
     sigmas = shifted_sigmas(cfg.steps, cfg.shift)
-    plan = build_plan(sigmas, cfg.eta, m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction, m.active_start)
+    plan = merge_plan(sigmas, cfg.eta, m)
     entropy = [step_entropy(sigmas, i, 1, cfg.eta) for i in range(cfg.steps)]
     cost, full_cost, paper_cost = rollout_forwards(plan, g, suffix), rollout_forwards(plan, g), paper_forwards(plan, g)
     if args.json:

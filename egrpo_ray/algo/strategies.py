@@ -24,7 +24,7 @@ from egrpo_ray.algo.sampler import (Conditioning, Rollout, StepKernel, VelocityF
 from egrpo_ray.algo.schedule import shifted_sigmas
 
 if TYPE_CHECKING:  # the config sections are read by attribute: algo never imports pydantic at run time
-    from egrpo_ray.config import AlgorithmConfig, SamplingConfig
+    from egrpo_ray.config import AlgorithmConfig, MergeConfig, SamplingConfig
 
 
 class Strategy(ABC):
@@ -84,6 +84,12 @@ def _resolved(algorithm: AlgorithmConfig, option: str, source_default):
     return source_default if value is None else value
 
 
+def merge_plan(sigmas: torch.Tensor, eta: float, merge: "MergeConfig", mode: str | None = None) -> MergePlan:
+    """The plan a ``sampling.merge`` section asks for (``mode`` overrides its mode, as G2RPO's "none" does)."""
+    return build_plan(sigmas, eta, mode or merge.mode, merge.tau, merge.fixed_len, merge.max_merge,
+                      merge.active_fraction, merge.active_start)
+
+
 class BranchingStrategy(Strategy):
     """E-GRPO (and G^2RPO with tau = 0): branch G merged SDE steps off the ODE anchor."""
 
@@ -91,11 +97,7 @@ class BranchingStrategy(Strategy):
 
     def __init__(self, sampling: SamplingConfig, algorithm: AlgorithmConfig, merge_mode: str | None = None):
         super().__init__(sampling, algorithm)
-        m = sampling.merge
-        self.plan: MergePlan = build_plan(
-            self.kernel.sigmas, sampling.eta, merge_mode or m.mode, m.tau, m.fixed_len, m.max_merge, m.active_fraction,
-            m.active_start,
-        )
+        self.plan: MergePlan = merge_plan(self.kernel.sigmas, sampling.eta, sampling.merge, merge_mode)
 
     def _rollout(self, fn, cond, prompts, noise, generator, iteration, max_batch) -> Rollout:
         return branching_rollout(fn, cond, prompts, noise, self.kernel, self.plan, self.group_size, generator, max_batch,
