@@ -12,7 +12,8 @@ the Gram matrix K_ij = g_i . g_j estimates
 The 95% intervals come from a bootstrap over rollouts (pairs of the same resampled rollout left out). A random
 reward (``--random-reward``, rewards independent of the images) is the control: its |G|^2 must be ~0.
 ``--save-mean`` keeps a run; ``--compare`` sets saved runs against the first (which needs a seed of its own).
-Single-threaded; docs/benchmarks.md section 1 (probe 9) quotes its figures.
+It scores with the alignment reward's strict product, the benchmarks' reward (``--set 'rewards=[...]'`` replaces
+it). Single-threaded; docs/benchmarks.md section 1 (probe 9) quotes its figures.
 
     OMP_NUM_THREADS=1 python benchmarks/gradient_noise.py --rollouts 240 --strategy dancegrpo --seed 2 \\
         --save-mean dancegrpo.safetensors
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.compare_strategies import STRATEGIES, forward_equivalents  # noqa: E402
+from benchmarks.compare_strategies import STRATEGIES, STRICT_ALIGNMENT, forward_equivalents  # noqa: E402
 from benchmarks.reward_probe import random_reward  # noqa: E402
 
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     from egrpo_ray.training import make_reward_fn, sample_and_score
 
     subset = [f"prompts.train_count={args.train_count}"] if args.train_count else []
-    cfg = load_config(ROOT / "configs/tiny.yaml", STRATEGIES[args.strategy] + subset + args.settings)
+    cfg = load_config(ROOT / "configs/tiny.yaml", [STRICT_ALIGNMENT] + STRATEGIES[args.strategy] + subset + args.settings)
     torch.manual_seed(args.seed)
     policy = build_policy(cfg.model)
     strategy = build_strategy(cfg.sampling, cfg.algorithm)

@@ -34,12 +34,10 @@ def group_spread(rewards, group) -> str:
 
 
 def random_reward(seed: int):
-    """A control: rewards drawn uniformly, independent of the images. What training does to the images then
-    is the optimizer's own doing (the policy gradient's noise), not the reward's."""
-    import torch
+    """A control: rewards drawn uniformly, independent of the images (egrpo_ray/rewards/control.py)."""
+    from egrpo_ray.rewards.control import RandomReward
 
-    generator = torch.Generator().manual_seed(seed)
-    return lambda images, prompts: torch.rand(len(prompts), generator=generator)
+    return RandomReward(seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,8 @@ E-GRPO's rollout cost is almost all the deterministic suffix that carries each b
 to the image; the suffix only has to rank the G branches of a group. For every suffix setting this script runs
 the real sampler (egrpo_ray.algo.sampler.branching_rollout) with the same generator seeds as the full Euler
 suffix, so the anchor and every merged step's noise are the same and only the suffix differs (checked), scores
-every branch with the config's rewards, and prints per setting:
+every branch with the config's rewards (the embedded default's: the alignment reward's strict product, the
+benchmarks' reward), and prints per setting:
 - within-group Spearman rank correlation of the rewards against the full suffix's (mean; 10th percentile over
   groups; groups whose rewards are constant under either suffix are left out and counted),
 - the Pearson correlation of the group advantages (the learner's, algo/advantages.py) against the full suffix's,
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from benchmarks.compare_strategies import STRICT_ALIGNMENT
     from egrpo_ray.algo.advantages import combine_rewards
     from egrpo_ray.algo.solvers import Suffix
     from egrpo_ray.config import ConfigError, SuffixConfig, load_config
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from egrpo_ray.rewards import build_reward
     from egrpo_ray.training import make_reward_fn
 
-    overrides = list(args.overrides) + ([f"algorithm.group_size={args.group_size}"] if args.group_size else [])
+    strict = [STRICT_ALIGNMENT] if args.config is None else []  # the embedded default's benchmark reward
+    overrides = strict + list(args.overrides) + ([f"algorithm.group_size={args.group_size}"] if args.group_size else [])
     try:
         cfg = load_config(args.config, overrides)
         settings = [SuffixConfig(solver=s, steps=int(n)) for s in args.solvers.split(",") for n in args.steps.split(",")]

@@ -146,7 +146,7 @@ class AlgorithmConfig(Strict):
 
 
 class RewardConfig(Strict):
-    name: Literal["alignment", "jpeg", "hps", "clip", "pickscore", "imagereward"]
+    name: Literal["alignment", "jpeg", "hps", "clip", "pickscore", "imagereward", "random"]
     weight: Float = 1.0
     path: Optional[Path_] = None  # local checkpoint (file or directory) for learned rewards
     model_name: Optional[Path_] = None  # architecture override (HPS: the open_clip model name, default ViT-H-14)

@@ -30,7 +30,7 @@ INVALID = [
     (None, ["learner.max_staleness=-1"], "learner.max_staleness: Input should be greater than or equal to 0"),
     (None, ["rollout.workers=0"], "rollout.workers: Input should be greater than or equal to 1"),
     ("rewards: []", [], "rewards: List should have at least 1 item after validation, not 0"),
-    ("rewards: [{name: aesthetic}]", [], "rewards.0.name: Input should be 'alignment', 'jpeg', 'hps', 'clip', 'pickscore' or 'imagereward'"),
+    ("rewards: [{name: aesthetic}]", [], "rewards.0.name: Input should be 'alignment', 'jpeg', 'hps', 'clip', 'pickscore', 'imagereward' or 'random'"),
     ("rewards: [{name: hps, batch_size: 0}]", [], "rewards.0.batch_size: Input should be greater than or equal to 1"),
     ("model: {kind: flux}", [], "model.path is required for model.kind 'flux'"),
     ("prompts: {source: file}", [], "prompts.train_path is required when prompts.source is 'file'"),

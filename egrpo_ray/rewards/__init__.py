@@ -16,6 +16,7 @@ REWARD_CLASSES = {
     "clip": "egrpo_ray.rewards.clip_score:ClipScoreReward",
     "pickscore": "egrpo_ray.rewards.pickscore:PickScoreReward",
     "imagereward": "egrpo_ray.rewards.image_reward:ImageRewardModel",
+    "random": "egrpo_ray.rewards.control:RandomReward",  # a control: scores blind to the images
 }
 
 
