@@ -16,6 +16,7 @@ BASE = [
     "learner.prompts_per_step=4", "rollout.prompts_per_batch=2", "algorithm.group_size=8",
     "learner.checkpoint_every=3", "logging.grid_every=3", "learner.max_staleness=0",
     "algorithm.old_logprob=recompute", "prompts.tiny_train_kinds=[single]",  # where 6 steps move the probe
+    "rewards.0.combine=product",  # the strict product, as measured for this test (the default trains on the mean)
     "learner.lr=3e-5",  # faster than the default 1e-5: 6 steps must move the probe
 ]
 
