@@ -14,49 +14,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.compare_strategies import mean_ci  # noqa: E402
+
 TERMS = ("colour", "shape", "size", "aspect", "relation", "count", "presence")
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided t, df
 
 
 def score(policy, prompts, sampling, draws: int) -> dict[str, float]:
     """Both combinations, each term and the bright area over prompts x draws (eval's fixed noise)."""
-    import torch
-
     from egrpo_ray.evaluate import score_heldout
     from egrpo_ray.rewards.alignment import AlignmentReward, object_stats
 
     strict, graded = AlignmentReward(), AlignmentReward(combine="mean")
-    batches = []
+    sums: dict[str, float] = {}
 
-    def keep(images, batch_prompts):
-        batches.append((images.clone(), list(batch_prompts)))
-        return {"alignment": strict(images, batch_prompts)}
+    def add_batch(images, batch_prompts):
+        terms = strict.terms(images, batch_prompts)
+        batch = {"mean": graded(images, batch_prompts), "product": terms["reward"], **{t: terms[t] for t in TERMS},
+                 "area_px": object_stats(images)["area"]}
+        for key, values in batch.items():
+            sums[key] = sums.get(key, 0.0) + values.float().sum().item()
+        return {"alignment": terms["reward"]}
 
-    score_heldout(policy, prompts, keep, sampling.steps, sampling.shift, seed=0, draws=draws)
-    images = torch.cat([b[0] for b in batches])
-    scored = [p for b in batches for p in b[1]]
-    terms = strict.terms(images, scored)
-    row = {"mean": graded(images, scored).mean().item(), "product": terms["reward"].mean().item()}
-    row.update({t: terms[t].float().mean().item() for t in TERMS})
-    row["area_px"] = object_stats(images)["area"].float().mean().item()
-    return row
+    score_heldout(policy, prompts, add_batch, sampling.steps, sampling.shift, seed=0, draws=draws)
+    return {key: total / (len(prompts) * draws) for key, total in sums.items()}
 
 
 def change_row(base: dict[str, float], rows: list[dict[str, float]]) -> dict[str, str]:
     """Mean change from the base over the runs, with a 95% t interval."""
     out = {}
     for key in base:
-        changes = [r[key] - base[key] for r in rows]
-        mean = sum(changes) / len(changes)
-        sd = math.sqrt(sum((c - mean) ** 2 for c in changes) / (len(changes) - 1))
-        out[key] = f"{mean:+.3f} ± {T95.get(len(changes) - 1, 1.96) * sd / math.sqrt(len(changes)):.3f}"
+        mean, _, half_width = mean_ci([r[key] - base[key] for r in rows])
+        out[key] = f"{mean:+.3f} ± {half_width:.3f}"
     return out
 
 
