@@ -140,10 +140,12 @@ def run_job(job: Job) -> dict:
 
     t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
     marks = [p * job.budget for p in CURVE_POINTS]
-    train_rewards, signal = [], []
+    train_rewards, signal, train_seconds = [], [], 0.0
     while spent < job.budget:
+        t_iter = time.perf_counter()
         item, metrics, fe = one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen,
                                           iteration, job.optimizer_steps, noise)  # every strategy: as many optimizer steps
+        train_seconds += time.perf_counter() - t_iter
         signal.append({k: metrics[k] for k in ("grad_step_sq", "grad_signal_sq") if k in metrics})
         if iteration == 0:
             rows = len(item.rollout.step_index)
@@ -162,7 +164,7 @@ def run_job(job: Job) -> dict:
             "quality_base": {k: v for k, v in base.items() if k.startswith("quality_")},
             "quality_after": {k: v for k, v in final.items() if k.startswith("quality_")},
             "gradient_signal": signal, "prompts_per_step": cfg.learner.prompts_per_step,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
 
 
 def _run_and_save(args: tuple[Job, Path]) -> str:
@@ -173,7 +175,8 @@ def _run_and_save(args: tuple[Job, Path]) -> str:
     except Exception as err:  # a failed run is reported, not fatal: the others still count
         return f"FAILED {job.key}: {type(err).__name__}: {err}"
     path.write_text(json.dumps(result))
-    return f"{job.key}: change {result['change']:+.4f} in {result['iterations']} it, {result['seconds']:.0f}s"
+    return (f"{job.key}: change {result['change']:+.4f} in {result['iterations']} it, {result['seconds']:.0f}s "
+            f"({result['fe'] / result['train_seconds']:.0f} FE/s training)")
 
 
 def run_all(jobs: list[Job], out: Path, workers: int) -> list[dict]:
