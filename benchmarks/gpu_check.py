@@ -160,7 +160,14 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
             sync(device)
             seconds.append(round(time.perf_counter() - t, 2))
         measured = torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
-        plan = learner_memory(cfg, policy_parts(cfg.model, transformer_config=small, with_frozen=False))
+        parts = policy_parts(cfg.model, transformer_config=small, with_frozen=False)
+
+        def plan_for(noise_buffer: str | None):  # the plan of the steps measured: these two keep no noise buffer
+            learner = cfg.learner.model_copy(update={"gradient_noise": noise_buffer is not None,
+                                                     "gradient_noise_buffer": noise_buffer or "device"})
+            return learner_memory(cfg.model_copy(update={"learner": learner}), parts)
+
+        plan = plan_for(None)
         planned = plan.step_peak  # one forward + backward + optimizer step (no held-out eval, no prompt cache)
         out = {"blocks": [double, single], "params_b": round(sum(p.numel() for p in params) / 1e9, 3),
                "seconds": seconds, "ratio_mean_first": stats["ratio_mean_first"], "grad_norm": stats["grad_norm"],
@@ -170,6 +177,10 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
         if measured:
             out["plan_error"] = round(planned / measured - 1, 3)  # the target: within +-0.15
         out.update(gradient_noise_cost(fn, policy, item, cfg, strategy, opt, device))
+        if measured:  # the device buffer's plan against its steps' peak
+            out["plan_noise_device_gib"] = round(plan_for("device").step_peak / 2**30, 2)
+            measured_noise = out["noise_device_peak_gib"] - out["baseline_gib"]
+            out["plan_noise_device_error"] = round(out["plan_noise_device_gib"] / measured_noise - 1, 3)
         return out
     finally:
         dist.destroy_process_group()
@@ -177,23 +188,59 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
 
 def gradient_noise_cost(fn, policy, item, cfg, strategy, opt, device) -> dict:
     """Learner steps in pairs without and with learner.gradient_noise (its buffer on the GPU, then in pinned host
-    memory): seconds per pair and the buffer's extra peak GPU memory."""
+    memory): seconds per pair once the buffer exists (the first pair allocates it, and is timed apart), and the
+    buffer's extra peak GPU memory."""
     from egrpo_ray.algo.gradient_noise import GradientNoise
     from egrpo_ray.training import learn
+
+    def pair(noise) -> float:  # the first keeps its gradient, the second dots into it
+        sync(device)
+        t = time.perf_counter()
+        for k in range(2):
+            learn(fn, policy, [item], cfg, strategy, opt, torch.Generator().manual_seed(5 + k), noise=noise)
+        sync(device)
+        return round(time.perf_counter() - t, 2)
 
     out = {}
     for where in ("none", "device", "host"):
         noise = None if where == "none" else GradientNoise(on_host=where == "host")
         reset_peak(device)
-        sync(device)
-        t = time.perf_counter()
-        for k in range(2):  # the first keeps its gradient, the second dots into it
-            learn(fn, policy, [item], cfg, strategy, opt, torch.Generator().manual_seed(5 + k), noise=noise)
-        sync(device)
-        out[f"noise_{where}_pair_seconds"] = round(time.perf_counter() - t, 2)
+        out[f"noise_{where}_first_pair_seconds"] = pair(noise)
+        out[f"noise_{where}_pair_seconds"] = pair(noise)
         out[f"noise_{where}_peak_gib"] = peak_gib(device)
-    out["noise_host_time_ratio"] = round(out["noise_host_pair_seconds"] / out["noise_none_pair_seconds"], 3)
+    for where in ("device", "host"):
+        out[f"noise_{where}_time_ratio"] = round(out[f"noise_{where}_pair_seconds"] / out["noise_none_pair_seconds"], 3)
     return out
+
+
+def gradient_noise_buffers_agree(device, numel: int = 50_000_000) -> dict:
+    """The same gradients through the device and the host buffer (two minibatches an update, two updates), against
+    float64 sums: the host path's asynchronous PCIe copies must give the device path's statistics."""
+    from egrpo_ray.algo.gradient_noise import GradientNoise
+
+    g = torch.Generator(device).manual_seed(7)
+    params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in (numel, numel // 3, 1000)]
+    grads = [[[torch.randn(p.shape, generator=g, device=device) for p in params] for _ in range(2)] for _ in range(2)]
+    stats = {}
+    for where in ("device", "host"):
+        noise, records = GradientNoise(on_host=where == "host"), {}
+        for update in grads:
+            for minibatch in update:
+                for p, grad in zip(params, minibatch):
+                    p.grad = grad.clone()
+                noise.add(params)
+                for p in params:
+                    p.grad.mul_(-1)  # the optimizer's in-place work after the add must not reach the buffer
+            records.update(noise.finish())
+        stats[where] = records
+    mean = [torch.cat([(a + b).double().flatten() for a, b in zip(*update)]) / 2 for update in grads]
+    exact = {"grad_step_sq": float(mean[0] @ mean[0]), "grad_signal_sq": float(mean[1] @ mean[0])}
+    scale = exact["grad_step_sq"]  # errors relative to |A|^2, the share's denominator
+    error = max(abs(stats[w][k] - exact[k]) / scale for w in stats for k in exact)
+    host_vs_device = max(abs(stats["host"][k] - stats["device"][k]) / scale for k in exact)
+    return {"numel": sum(p.numel() for p in params), **{f"{w}_{k}": v for w in stats for k, v in stats[w].items()},
+            "exact": exact, "max_error_vs_exact": error, "host_vs_device": host_vs_device,
+            "agree": error < 1e-5 and host_vs_device < 1e-6}
 
 
 def _sync_rank(rank: int, port: int, dims: dict, device_type: str, backend: str, bucket_mb: int, result) -> None:
@@ -412,6 +459,7 @@ def main(argv=None) -> int:
     del lora_policy, lopt, lparams, transformer, policy
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    log(phase="gradient_noise_host_check", **gradient_noise_buffers_agree(device, 50_000_000 if device.type == "cuda" else 10_000))
     log(phase="learner_fsdp_full", **fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond))
     log(phase="done", total_seconds=round(time.perf_counter() - t0, 1),
         sampler_ratio_ode=round(ode_ms / bare_ms, 3), sampler_ratio_branching=round(branch_ms / bare_ms, 3))

@@ -43,8 +43,10 @@ class GradientNoise:
 
     def __init__(self, on_host: bool = False):
         self._on_host = on_host
-        self._device: Optional[torch.device] = None  # the gradients' (the all-reduce runs there)
-        self._kept: Optional[list[Optional[torch.Tensor]]] = None  # float32, one per parameter (None: no grad)
+        self._device: Optional[torch.device] = None  # the gradients' (all arithmetic and the all-reduce run there)
+        self._kept: Optional[list[Optional[torch.Tensor]]] = None  # float32 sum of the first update's gradients
+        self._written: list[bool] = []  # per parameter: holds this pair's gradient (else stale, or never written)
+        self._kept_minibatches = 0  # how many gradients ``_kept`` sums
         self._storing = True  # the first update of a pair keeps its gradient
         self._minibatches = 0
         self._is_shard: list[bool] = []  # per parameter: FSDP's gradients are shards, DDP's are whole
@@ -62,26 +64,25 @@ class GradientNoise:
         if self._storing:
             if self._kept is None:
                 self._kept, self._is_shard = [None] * len(grads), [False] * len(grads)
-            elif self._minibatches == 0:  # a new pair: reuse the buffer
-                for t in self._kept:
-                    if t is not None:
-                        t.zero_()
+            if self._minibatches == 0:  # a new pair: overwrite the buffer, no pass to zero it
+                self._written = [False] * len(grads)
             for i, (g, shard) in enumerate(grads):
                 if g is None:
                     continue
                 if self._kept[i] is None:
                     self._kept[i] = self._new_buffer(g)
                     self._is_shard[i] = shard
-                self._kept[i].add_(g.float().to(self._kept[i].device))
+                _accumulate(self._kept[i], g, overwrite=not self._written[i])
+                self._written[i] = True
         else:
-            dots = _dots(grads, self._kept)
+            dots = _dots(grads, self._kept, self._device)
             self._dots = dots if self._dots is None else self._dots + dots
         self._minibatches += 1
 
     def _new_buffer(self, g: torch.Tensor) -> torch.Tensor:
         if not self._on_host:
-            return torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-        return torch.zeros(g.shape, dtype=torch.float32, pin_memory=g.is_cuda)  # pinned: faster copies
+            return torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        return torch.empty(g.shape, dtype=torch.float32, pin_memory=g.is_cuda)  # pinned: asynchronous copies
 
     def finish(self) -> dict[str, float]:
         """This update's statistic: ``grad_step_sq`` or ``grad_signal_sq`` (empty if it saw no minibatch)."""
@@ -89,20 +90,19 @@ class GradientNoise:
         if n == 0:
             return {}
         if self._storing:
-            for t in self._kept:
-                if t is not None:
-                    t.div_(n)
-            self._storing = False
-            return {"grad_step_sq": self._reduce(_dots(zip(self._kept, self._is_shard), self._kept))}
+            for t, written in zip(self._kept, self._written):
+                if t is not None and not written:  # no gradient this pair: zero, not the last pair's
+                    t.zero_()
+            self._kept_minibatches, self._storing = n, False
+            kept = list(zip(self._kept, self._is_shard))
+            return {"grad_step_sq": self._reduce(_dots(kept, self._kept, self._device)) / n**2}
         dots, self._dots, self._storing = self._dots, None, True
-        return {"grad_signal_sq": self._reduce(dots) / n}
+        return {"grad_signal_sq": self._reduce(dots) / (n * self._kept_minibatches)}
 
     def _reduce(self, dots: Optional[torch.Tensor]) -> float:
         """Sum the sharded part over ranks (every rank holds a slice of each sharded gradient)."""
-        device = self._device or torch.device("cpu")
         if dots is None:  # no gradient on this rank (every rank still joins the reduce)
-            dots = torch.zeros(2, dtype=torch.float64, device=device)
-        dots = dots.to(device)  # a host buffer's |A|^2 is summed on the host; NCCL reduces device tensors
+            dots = torch.zeros(2, dtype=torch.float64, device=self._device or torch.device("cpu"))
         if any(self._is_shard) and dist.is_available() and dist.is_initialized():
             sharded = dots[:1].clone()
             dist.all_reduce(sharded)
@@ -110,15 +110,30 @@ class GradientNoise:
         return float(dots.sum())
 
 
-def _dots(grads: Iterable[tuple[Optional[torch.Tensor], bool]], kept: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """[sum over sharded parameters, sum over whole ones] of g . k, float64, on the gradients' device."""
+def _accumulate(kept: torch.Tensor, g: torch.Tensor, overwrite: bool) -> None:
+    """kept = g or kept += g. The sum runs on the gradient's device: a host buffer only crosses PCIe (pinned,
+    asynchronous; the copies queue on the current stream, so later kernels see them in order), and the host's
+    single thread never adds a 12B-sized gradient."""
+    if overwrite:
+        kept.copy_(g, non_blocking=True)
+    elif kept.device == g.device:
+        kept.add_(g)
+    else:
+        kept.copy_(kept.to(g.device, non_blocking=True).add_(g), non_blocking=True)
+
+
+def _dots(grads: Iterable[tuple[Optional[torch.Tensor], bool]], kept: list[Optional[torch.Tensor]],
+          device: Optional[torch.device]) -> Optional[torch.Tensor]:
+    """[sum over sharded parameters, sum over whole ones] of g . k, float64, on ``device`` (the gradients')."""
     out = None
     for (g, sharded), k in zip(grads, kept):
         if g is None or k is None:
             continue
         if out is None:
-            out = torch.zeros(2, dtype=torch.float64, device=g.device)
-        out[0 if sharded else 1] += torch.dot(g.float().flatten(), k.to(g.device).flatten()).double()
+            out = torch.zeros(2, dtype=torch.float64, device=device)
+        k_here = k.to(device, non_blocking=True)
+        g_here = k_here if g is k else g.to(device).float()
+        out[0 if sharded else 1] += torch.dot(g_here.flatten(), k_here.flatten()).double()
     return out
 
 

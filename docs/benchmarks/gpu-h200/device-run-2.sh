@@ -1,0 +1,10 @@
+set -u
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site:$PWD
+echo "== gpu_check"; date +%s
+timeout 200 python3 benchmarks/gpu_check.py --skip-sync --repeats 3 2>&1 | grep -v "should be kept in float32" | tee $OUT/gpu_check.log
+echo "== tiny task throughput, 8 processes"; date +%s
+timeout 80 python3 benchmarks/compare_strategies.py run --out /tmp/tp8 --device cuda --workers 8 --budget 6000 \
+    --seeds 4 --lrs 1e-5 --only egrpo --draws 1 2>&1 | tee $OUT/throughput8.log
+date +%s
