@@ -5,8 +5,9 @@ noise: E|A|^2 = |G|^2 + tr(S) / P, with P the prompts per update and tr(S) one p
 (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"). Two updates sample independent
 prompts and noise, so the dot product of their gradients estimates |G|^2 without bias. ``GradientNoise``
 takes updates in pairs, keeping one float32 gradient-sized buffer (sharded like the gradients under FSDP), on
-the gradients' device or, with ``on_host``, in host memory (a 12B full fine-tune has no 11 GiB per rank to spare;
-each first-epoch minibatch of a pair then copies its gradient across once):
+the gradients' device or, with ``on_host``, in pinned host memory (a 12B full fine-tune has no 11 GiB per rank to
+spare). All arithmetic runs on the gradients' device either way: a host buffer only crosses PCIe, about 3 times a
+pair (0.3 s an update for a 9.5 GiB shard on an H200, docs/scaling.md):
 - the first of a pair keeps its gradient and reports ``grad_step_sq`` = |A|^2;
 - the second dots its own into it and reports ``grad_signal_sq`` = A . A_prev (negative when noise wins).
 Pairs never share an update, so their estimates are independent: ``signal_share`` turns a run's records into

@@ -1,3 +1,6 @@
+# As run on a lent H200 on 2026-11-29 (torch 2.11 there). .whl/ held wheels of the project's pins that the
+# machine's image lacks (diffusers 0.42.1, pydantic 2.14.4, pydantic-core, annotated-types, typing-inspection,
+# peft 0.21.2, typing-extensions, importlib-metadata, lazy-importer); $OUT is the folder whose files came back here.
 # One device session: gpu_check (FLUX-size sampler, LoRA + FSDP learner, gradient-noise buffer), the gloo weight
 # sync of FLUX.1-dev's transformer, and the tiny task's throughput on the GPU. Each part has its own timeout.
 set -u
