@@ -1,13 +1,14 @@
 """GPU check for one H100 / H200: FLUX.1-dev-sized transformer with random weights, bf16.
 
-Measures, in one process (about 2-3 minutes on an H100):
+Measures, in one process (about 2-3 minutes on an H100; 70-80 s on an H200 with --skip-sync):
 1. the bare transformer forward at 512 px, batch 8 (ms per image): the reference;
 2. the real sampler through FluxPolicy at the same size: ``sample_ode`` over 16 steps at batch 8, and
    E-GRPO's ``branching_rollout`` (1 prompt, G = 8, the paper's merge plan, max_batch 8, mixed
    timesteps in a batch), as ms per image-step and the ratio to (1) (target: within 10 %);
 3. one learner step (``egrpo_ray.training.learn``: recompute old log-probs, clipped surrogate,
    backward, optimizer step) on that rollout's 5 (prompt, entry) rows with gradient checkpointing,
-   LoRA (rank 64 on every attention projection, AdamW);
+   LoRA (rank 64 on every attention projection, AdamW), its peak memory against ``egrpo-ray plan --memory``'s;
+   then the gradient-noise buffer on the GPU and in pinned host memory fed the same gradients (statistics must agree);
 4. a 1-rank FSDP full fine-tune step (egrpo_ray/parallel.py: float32 master weights, bf16 compute, AdamW)
    on a FLUX-width transformer with fewer blocks (the full 12B needs 16 B/param = 192 GB on one rank; the
    paper's setting shards it over 8 ranks), its peak memory against ``egrpo-ray plan --memory``'s
@@ -128,11 +129,21 @@ def _init_single_rank_group(device) -> None:
     dist.init_process_group(LEARNER_BACKENDS["nccl" if device.type == "cuda" else "gloo"], rank=0, world_size=1)
 
 
+def learner_plan(cfg, dims: dict, noise_buffer: str | None = None):
+    """egrpo-ray plan's learner memory for the model measured (no text encoders, no VAE), with the gradient-noise
+    buffer where it lives in the steps measured (None: no buffer, as in steps that pass no ``noise``)."""
+    from egrpo_ray.memory_plan import learner_memory, policy_parts
+
+    learner = cfg.learner.model_copy(update={"gradient_noise": noise_buffer is not None,
+                                             "gradient_noise_buffer": noise_buffer or "device"})
+    return learner_memory(cfg.model_copy(update={"learner": learner}),
+                          policy_parts(cfg.model, transformer_config=dims, with_frozen=False))
+
+
 def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> dict:
     """Two learner steps of a 1-rank FSDP full fine-tune; peak memory against the memory plan."""
     import torch.distributed as dist
 
-    from egrpo_ray.memory_plan import learner_memory, policy_parts
     from egrpo_ray.parallel import prepare_for_training
     from egrpo_ray.training import learn
 
@@ -160,14 +171,7 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
             sync(device)
             seconds.append(round(time.perf_counter() - t, 2))
         measured = torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
-        parts = policy_parts(cfg.model, transformer_config=small, with_frozen=False)
-
-        def plan_for(noise_buffer: str | None):  # the plan of the steps measured: these two keep no noise buffer
-            learner = cfg.learner.model_copy(update={"gradient_noise": noise_buffer is not None,
-                                                     "gradient_noise_buffer": noise_buffer or "device"})
-            return learner_memory(cfg.model_copy(update={"learner": learner}), parts)
-
-        plan = plan_for(None)
+        plan = learner_plan(cfg, small)
         planned = plan.step_peak  # one forward + backward + optimizer step (no held-out eval, no prompt cache)
         out = {"blocks": [double, single], "params_b": round(sum(p.numel() for p in params) / 1e9, 3),
                "seconds": seconds, "ratio_mean_first": stats["ratio_mean_first"], "grad_norm": stats["grad_norm"],
@@ -178,7 +182,7 @@ def fsdp_full_step(args, dims, device, item, exp, strategy, prompts, cond) -> di
             out["plan_error"] = round(planned / measured - 1, 3)  # the target: within +-0.15
         out.update(gradient_noise_cost(fn, policy, item, cfg, strategy, opt, device))
         if measured:  # the device buffer's plan against its steps' peak
-            out["plan_noise_device_gib"] = round(plan_for("device").step_peak / 2**30, 2)
+            out["plan_noise_device_gib"] = round(learner_plan(cfg, small, "device").step_peak / 2**30, 2)
             measured_noise = out["noise_device_peak_gib"] - out["baseline_gib"]
             out["plan_noise_device_error"] = round(out["plan_noise_device_gib"] / measured_noise - 1, 3)
         return out
@@ -445,6 +449,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         stats = learn(pol, pol, [item], exp, strategy, optimizer, torch.Generator().manual_seed(3))
         sync(device)
+        plan_gib = round(learner_plan(exp.model_copy(update={"model": pol.cfg}), dims).step_peak / 2**30, 2)
+        if device.type == "cuda":  # the peak holds everything alive, as the plan counts it (weights included)
+            extra = {**extra, "plan_gib": plan_gib, "plan_error": round(plan_gib / peak_gib(device) - 1, 3)}
         log(phase=label, rows=rows, seconds=round(time.perf_counter() - t, 2), peak_gib=peak_gib(device),
             ratio_mean_first=round(stats["ratio_mean_first"], 6), logprob_mismatch=stats["logprob_mismatch"],
             grad_norm=stats["grad_norm"], loss=stats["loss"], **extra)
