@@ -89,3 +89,22 @@ def test_signal_share_recovers_a_known_share_and_noise_scale():
 def test_signal_share_needs_two_pairs():
     assert signal_share([{"grad_step_sq": 1.0}, {"grad_signal_sq": 0.1}], 4) is None
     assert describe(None) is None
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_a_parameter_without_gradient_in_a_pair_counts_zero_not_the_last_pairs_gradient(on_host):
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    noise = GradientNoise(on_host=on_host)
+    a.grad, b.grad = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([5.0, 5.0])
+    noise.add([a, b])
+    assert noise.finish() == {"grad_step_sq": pytest.approx(9.0 + 50.0)}
+    noise.add([a, b])
+    noise.finish()  # the pair's second update
+    a.grad, b.grad = torch.tensor([0.0, 3.0, 4.0]), None  # b gets no gradient in this pair
+    noise.add([a, b])
+    a.grad = torch.tensor([0.0, 1.0, 0.0])
+    noise.add([a, b])
+    assert noise.finish() == {"grad_step_sq": pytest.approx(8.0)}  # the mean of the two, (0, 2, 2); b counts 0
+    a.grad, b.grad = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([7.0, 7.0])
+    noise.add([a, b])
+    assert noise.finish() == {"grad_signal_sq": pytest.approx(2.0)}  # (1, 0, 1) . (0, 2, 2); b's stale 5s count 0
