@@ -417,14 +417,15 @@ def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, seeds in by.items():
+    colours = plt.get_cmap("tab20").colors  # distinct beyond the default cycle's 10 (--also-lr adds lines)
+    for k, (name, seeds) in enumerate(by.items()):
         rs = list(seeds.values())
         points = len(rs[0]["curve"])
         xs = [sum(r["curve"][i]["fe"] for r in rs) / len(rs) for i in range(points)]
         stats = [mean_ci([r["curve"][i]["reward"] for r in rs]) for i in range(points)]
         ys = [m for m, _, _ in stats]
         err = [0 if math.isnan(c) else c for _, _, c in stats]
-        ax.errorbar(xs, ys, yerr=err, label=name, capsize=3, marker="o", markersize=3)
+        ax.errorbar(xs, ys, yerr=err, label=name, capsize=3, marker="o", markersize=3, color=colours[2 * k % 20 + k // 10 % 2])
     ax.set_xlabel("forward-equivalents (rollout forwards + 3 x learner rows + recompute forwards)")
     ax.set_ylabel("held-out reward (mean of noise draws)")
     ax.set_title("Held-out reward vs compute, mean and 95% CI over seeds")
