@@ -449,10 +449,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         stats = learn(pol, pol, [item], exp, strategy, optimizer, torch.Generator().manual_seed(3))
         sync(device)
+        seconds = round(time.perf_counter() - t, 2)
         plan_gib = round(learner_plan(exp.model_copy(update={"model": pol.cfg}), dims).step_peak / 2**30, 2)
         if device.type == "cuda":  # the peak holds everything alive, as the plan counts it (weights included)
             extra = {**extra, "plan_gib": plan_gib, "plan_error": round(plan_gib / peak_gib(device) - 1, 3)}
-        log(phase=label, rows=rows, seconds=round(time.perf_counter() - t, 2), peak_gib=peak_gib(device),
+        log(phase=label, rows=rows, seconds=seconds, peak_gib=peak_gib(device),
             ratio_mean_first=round(stats["ratio_mean_first"], 6), logprob_mismatch=stats["logprob_mismatch"],
             grad_norm=stats["grad_norm"], loss=stats["loss"], **extra)
         pol.eval()
