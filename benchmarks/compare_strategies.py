@@ -245,7 +245,7 @@ def sweep_jobs(variants: dict[str, list[str]], args: argparse.Namespace, common:
 def final_jobs(variants: dict[str, list[str]], extras: dict[str, list[str]], lrs: dict[str, float],
                args: argparse.Namespace, common: dict) -> list[Job]:
     """Each strategy and extra at its own swept lr; then the ``--also-lr`` runs."""
-    seeds = range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     final = [Job("final", name, ov, s, lrs[name], **common) for name, ov in variants.items() if name in lrs for s in seeds]
     final += [Job("extra", name, ov, s, lrs[name], **common) for name, ov in extras.items() if name in lrs for s in seeds]
     for name, lr in args.also_lr:  # a strategy again at another lr: how much the one-seed sweep's pick matters
@@ -480,6 +480,8 @@ def main() -> int:
     r.add_argument("--workers", type=int, default=2, help="single-threaded processes at a time")
     r.add_argument("--budget", type=float, default=60_000, help="forward-equivalents per run")
     r.add_argument("--seeds", type=int, default=5)
+    r.add_argument("--first-seed", type=int, default=0, help="final runs use seeds first-seed .. first-seed + "
+                   "seeds - 1: fresh seeds test a hint found on earlier ones")
     r.add_argument("--sweep-seeds", type=int, default=1)
     r.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
     r.add_argument("--draws", type=int, default=4, help="noise draws per held-out prompt")

@@ -101,7 +101,7 @@ def test_also_lr_errors(text, match):
 
 
 def test_extras_are_swept_and_run_at_their_own_lr():
-    args = argparse.Namespace(lrs=[1e-5, 1e-4], sweep_seeds=1, seeds=2, also_lr=[("egrpo", 3e-5)])
+    args = argparse.Namespace(lrs=[1e-5, 1e-4], sweep_seeds=1, seeds=2, first_seed=0, also_lr=[("egrpo", 3e-5)])
     common = dict(budget=100.0, draws=1, optimizer_steps=4)
     variants = {"egrpo": cs.STRATEGIES["egrpo"]}
     extras = cs.extra_variants([cs.suffix_setting("dpm2m:4")], [cs.band_setting("0.375:0.75")])
@@ -117,6 +117,8 @@ def test_extras_are_swept_and_run_at_their_own_lr():
                                                            ("extra", "egrpo-suffix-dpm2m4", 1e-5),
                                                            ("extra", "egrpo-band0.375-0.75", 3e-4),
                                                            ("extra", "egrpo@3e-05", 3e-5)] for s in (0, 1)}
+    args.first_seed = 10  # fresh seeds: the same jobs on seeds 10 and 11
+    assert {j.seed for j in cs.final_jobs(variants, extras, lrs, args, common)} == {10, 11}
 
 
 def test_report_takes_each_extra_at_its_own_pick_and_older_ones_at_egrpos(tmp_path):
