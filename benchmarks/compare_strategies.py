@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 EVAL_SEED = 424242  # the same evaluation noise for every run: base scores agree, differences are training's
 CURVE_POINTS = (0.25, 0.5, 0.75, 1.0)
+SWEEP_SEED = 1000  # sweep runs use seeds 1000 and up, final runs 0 and up
 TRAIN_PROBE = 24  # training prompts scored beside the held-out ones (prompts.train_probe)
 
 # Each strategy at its own source's settings (docs/algorithm.md section 8); the lr is swept.
@@ -238,7 +239,7 @@ def extra_variants(suffixes: list[tuple[str, int]], bands: list[tuple[float, flo
 
 
 def sweep_jobs(variants: dict[str, list[str]], args: argparse.Namespace, common: dict) -> list[Job]:
-    return [Job("sweep", name, ov, 1000 + s, lr, **common) for name, ov in variants.items() for lr in args.lrs
+    return [Job("sweep", name, ov, SWEEP_SEED + s, lr, **common) for name, ov in variants.items() for lr in args.lrs
             for s in range(args.sweep_seeds)]
 
 
@@ -451,6 +452,13 @@ def strategy_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected STRATEGY=LR, e.g. egrpo=1e-5") from None
 
 
+def first_seed(text: str) -> int:
+    """The final runs' first seed: below the sweep's seeds (1000 and up), which final runs should not repeat."""
+    if not text.isdigit() or int(text) >= SWEEP_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 0 to {SWEEP_SEED - 1}")
+    return int(text)
+
+
 def band_setting(text: str) -> tuple[float, float]:
     start, _, end = text.partition(":")
     error = argparse.ArgumentTypeError(f"{text!r}: expected START:END fractions of the schedule, "
@@ -480,7 +488,7 @@ def main() -> int:
     r.add_argument("--workers", type=int, default=2, help="single-threaded processes at a time")
     r.add_argument("--budget", type=float, default=60_000, help="forward-equivalents per run")
     r.add_argument("--seeds", type=int, default=5)
-    r.add_argument("--first-seed", type=int, default=0, help="final runs use seeds first-seed .. first-seed + "
+    r.add_argument("--first-seed", type=first_seed, default=0, help="final runs use seeds first-seed .. first-seed + "
                    "seeds - 1: fresh seeds test a hint found on earlier ones")
     r.add_argument("--sweep-seeds", type=int, default=1)
     r.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])

@@ -121,6 +121,12 @@ def test_extras_are_swept_and_run_at_their_own_lr():
     assert {j.seed for j in cs.final_jobs(variants, extras, lrs, args, common)} == {10, 11}
 
 
+@pytest.mark.parametrize("text", ["-1", "1000", "x"])
+def test_first_seed_errors(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        cs.first_seed(text)
+
+
 def test_report_takes_each_extra_at_its_own_pick_and_older_ones_at_egrpos(tmp_path):
     sweep = [_run("egrpo", 1000, 0.1 * (lr == 1e-4), phase="sweep", lr=lr) for lr in (1e-5, 1e-4)]
     extras = [_run("egrpo-all-steps", s, change, phase="extra", lr=lr) for s in range(3)
