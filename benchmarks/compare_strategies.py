@@ -13,7 +13,8 @@ Phases (one command runs them in order, skipping runs whose result file exists, 
            check that is not part of the reward.
 3. extras: the step-subset ablation (E-GRPO merging in the first half of the steps vs all of them), any
            ``--suffix`` setting (issue 13: a coarse ODE suffix) and any ``--band`` (E-GRPO branching only in a
-           band of the schedule, ``sampling.merge.active_start`` to ``active_fraction``), same seeds. They are
+           band of the schedule, ``sampling.merge.active_start`` to ``active_fraction``) and any ``--variant``
+           of the user's own (a name and config overrides), same seeds. They are
            swept like the strategies and run at their own pick: the suffix takes 2.6x the updates, so E-GRPO's
            lr need not be its best.
 Runs are single-threaded processes (torch.set_num_threads(1)), ``--workers`` at a time; with ``--device cuda``
@@ -211,10 +212,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"compare_strategies: --set: {err}".splitlines()[0], file=sys.stderr)
         return 2
+    try:
+        custom = custom_variants(args.variants)
+    except (ValueError, ConfigError) as err:
+        print(f"compare_strategies: --variant: {err}".splitlines()[0], file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only}
-    extras = extra_variants(args.suffix, args.band) if "egrpo" in variants else {}
+    extras = {**extra_variants(args.suffix, args.band), **custom} if "egrpo" in variants else {}
     common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
                   settings=args.settings)
     lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers))
@@ -236,6 +242,22 @@ def extra_variants(suffixes: list[tuple[str, int]], bands: list[tuple[float, flo
         extras[f"egrpo-band{start:g}-{end:g}"] = ["algorithm.strategy=egrpo", f"sampling.merge.active_start={start}",
                                                  f"sampling.merge.active_fraction={end}"]
     return extras
+
+
+def custom_variants(specs: list[list[str]]) -> dict[str, list[str]]:
+    """``--variant NAME KEY=VALUE ...``: an extra of the user's own, swept and run like the others. The overrides
+    are checked here, in one line, not in every worker."""
+    from egrpo_ray.config import load_config
+
+    custom = {}
+    for name, *overrides in specs:
+        if name in STRATEGIES or name in ABLATION or name in custom or "@" in name or "/" in name:
+            raise ValueError(f"{name!r}: the name is taken or has '@' or '/' in it; pick another")
+        if not overrides:
+            raise ValueError(f"{name!r}: no overrides given; expected NAME KEY=VALUE [KEY=VALUE ...]")
+        load_config(CONFIG, COMMON + overrides)
+        custom[name] = overrides
+    return custom
 
 
 def sweep_jobs(variants: dict[str, list[str]], args: argparse.Namespace, common: dict) -> list[Job]:
@@ -499,6 +521,9 @@ def main() -> int:
     r.add_argument("--suffix", nargs="*", default=[], type=suffix_setting, help="extra E-GRPO runs with a coarse ODE suffix, e.g. dpm2m:3")
     r.add_argument("--band", nargs="*", default=[], type=band_setting, help="extra E-GRPO runs that branch only "
                    "in a band of the schedule, e.g. 0.375:0.75")
+    r.add_argument("--variant", dest="variants", action="append", nargs="+", default=[], metavar="NAME KEY=VALUE",
+                   help="an extra of your own (needs egrpo in --only), swept and run at its pick, e.g. --variant "
+                   "band-kl algorithm.strategy=egrpo sampling.merge.active_start=0.375 algorithm.kl_beta=0.04")
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",

@@ -121,6 +121,20 @@ def test_extras_are_swept_and_run_at_their_own_lr():
     assert {j.seed for j in cs.final_jobs(variants, extras, lrs, args, common)} == {10, 11}
 
 
+def test_custom_variants_are_checked_and_kept():
+    spec = ["band-kl", "sampling.merge.active_start=0.375", "algorithm.kl_beta=0.04"]
+    assert cs.custom_variants([spec]) == {"band-kl": spec[1:]}
+    from egrpo_ray.config import ConfigError
+
+    for bad, error in [(["egrpo", "algorithm.kl_beta=0.04"], ValueError), (["x"], ValueError),
+                       (["x@1", "algorithm.kl_beta=0.04"], ValueError), (["x", "algorithm.kl_beta=-1"], ConfigError),
+                       (["x", "algorithm.no_such_key=1"], ConfigError)]:
+        with pytest.raises(error):
+            cs.custom_variants([bad])
+    with pytest.raises(ValueError, match="taken"):
+        cs.custom_variants([spec, spec])
+
+
 @pytest.mark.parametrize("text", ["-1", "1000", "x"])
 def test_first_seed_errors(text):
     with pytest.raises(argparse.ArgumentTypeError):
