@@ -94,16 +94,18 @@ def forward_equivalents(metrics: dict, rollout_forwards: int) -> float:
 
 
 def one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen, iteration: int,
-                  optimizer_steps: int, noise=None):
-    """Sample and score one batch on-policy, then one update; returns (item, metrics, FE spent). On the first
-    iteration it sizes the minibatches so that every strategy takes ``optimizer_steps`` optimizer steps."""
+                  optimizer_steps: int, noise=None, ref_fn=None):
+    """Sample and score one batch on-policy, then one update (with the KL to ``ref_fn`` when the config sets
+    algorithm.kl_beta); returns (item, metrics, FE spent). On the first iteration it sizes the minibatches so
+    that every strategy takes ``optimizer_steps`` optimizer steps."""
     from egrpo_ray.training import learn, sample_and_score
 
     item = sample_and_score(policy, strategy, cursor.take(cfg.learner.prompts_per_step), reward_fn, rollout_gen,
                             iteration, policy_version=iteration)
     if iteration == 0:
         cfg.learner.minibatch_rows = max(1, math.ceil(len(item.rollout.step_index) / optimizer_steps))
-    metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, policy_version=iteration, noise=noise)
+    metrics = learn(policy, policy, [item], cfg, strategy, optimizer, learner_gen, ref_fn, policy_version=iteration,
+                    noise=noise)
     return item, metrics, forward_equivalents(metrics, item.rollout.forwards)
 
 
@@ -119,11 +121,12 @@ def run_job(job: Job) -> dict:
     from egrpo_ray.prompts import PromptCursor, prompt_splits, train_probe, validation_prompts
     from egrpo_ray.quality import image_quality
     from egrpo_ray.rewards import build_reward
-    from egrpo_ray.training import make_gradient_noise, make_optimizer, make_reward_fn
+    from egrpo_ray.training import make_gradient_noise, make_optimizer, make_reward_fn, reference_model
 
     cfg = load_config(CONFIG, COMMON + job.settings + job.overrides + [f"seed={job.seed}", f"learner.lr={job.lr}"])
     torch.manual_seed(cfg.seed)
     policy = build_policy(cfg.model).to(job.device)
+    ref_fn = reference_model(policy, cfg)  # the KL reference (None unless algorithm.kl_beta > 0): the base weights
     strategy = build_strategy(cfg.sampling, cfg.algorithm)
     reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
     (train, heldout), validation = prompt_splits(cfg.prompts), validation_prompts(cfg.prompts)
@@ -142,17 +145,18 @@ def run_job(job: Job) -> dict:
 
     t0, spent, iteration, curve = time.perf_counter(), 0.0, 0, [{"fe": 0.0, **evaluate()}]
     marks = [p * job.budget for p in CURVE_POINTS]
-    train_rewards, signal, train_seconds = [], [], 0.0
+    train_rewards, kls, signal, train_seconds = [], [], [], 0.0
     while spent < job.budget:
         t_iter = time.perf_counter()
         item, metrics, fe = one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, rollout_gen, learner_gen,
-                                          iteration, job.optimizer_steps, noise)  # every strategy: as many optimizer steps
+                                          iteration, job.optimizer_steps, noise, ref_fn)  # every strategy: as many optimizer steps
         train_seconds += time.perf_counter() - t_iter
         signal.append({k: metrics[k] for k in ("grad_step_sq", "grad_signal_sq") if k in metrics})
         if iteration == 0:
             rows = len(item.rollout.step_index)
         spent += fe
         train_rewards.append(metrics["reward_mean"])
+        kls.append(metrics["kl"])
         iteration += 1
         while marks and spent >= marks[0]:
             marks.pop(0)
@@ -163,6 +167,7 @@ def run_job(job: Job) -> dict:
             "change": final["reward"] - base["reward"], "train_change": final["train_reward"] - base["train_reward"],
             "curve": curve, "train_reward_first": train_rewards[0],
             "train_reward_last": sum(train_rewards[-3:]) / len(train_rewards[-3:]),
+            "kl_last": sum(kls[-3:]) / len(kls[-3:]),  # the KL to the base model (0 unless kl_beta > 0)
             "quality_base": {k: v for k, v in base.items() if k.startswith("quality_")},
             "quality_after": {k: v for k, v in final.items() if k.startswith("quality_")},
             "gradient_signal": signal, "prompts_per_step": cfg.learner.prompts_per_step,

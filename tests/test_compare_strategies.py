@@ -121,6 +121,35 @@ def test_extras_are_swept_and_run_at_their_own_lr():
     assert {j.seed for j in cs.final_jobs(variants, extras, lrs, args, common)} == {10, 11}
 
 
+def test_a_kl_run_trains_against_the_base_and_counts_its_forwards():
+    """algorithm.kl_beta > 0 builds the reference; its forwards are FE (learner rows once more)."""
+    import torch
+
+    from egrpo_ray.algo.strategies import build_strategy
+    from egrpo_ray.config import load_config
+    from egrpo_ray.models import build_policy
+    from egrpo_ray.prompts import PromptCursor, prompt_splits
+    from egrpo_ray.rewards import build_reward
+    from egrpo_ray.training import make_optimizer, make_reward_fn, reference_model
+
+    def two_iterations(kl_beta):
+        cfg = load_config(cs.CONFIG, cs.COMMON + ["learner.prompts_per_step=1", "algorithm.group_size=4",
+                                                  f"algorithm.kl_beta={kl_beta}", "learner.lr=1e-4"])
+        torch.manual_seed(0)
+        policy = build_policy(cfg.model)
+        strategy, ref_fn = build_strategy(cfg.sampling, cfg.algorithm), reference_model(policy, cfg)
+        reward_fn = make_reward_fn({r.name: build_reward(r) for r in cfg.rewards})
+        cursor, optimizer = PromptCursor(prompt_splits(cfg.prompts)[0], 0), make_optimizer(policy, cfg.learner)
+        gens = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        return [cs.one_iteration(policy, strategy, cursor, reward_fn, cfg, optimizer, *gens, i, 2, ref_fn=ref_fn)[1:]
+                for i in range(2)]
+
+    (plain, fe_plain), _ = two_iterations(0.0)
+    (first, fe_first), (second, _) = two_iterations(0.5)
+    assert fe_first - fe_plain == first["learner_rows"] > 0  # the same rollout, plus one reference forward a row
+    assert plain["kl"] == 0.0 and second["kl"] > 0
+
+
 def test_custom_variants_are_checked_and_kept():
     spec = ["band-kl", "sampling.merge.active_start=0.375", "algorithm.kl_beta=0.04"]
     assert cs.custom_variants([spec]) == {"band-kl": spec[1:]}
