@@ -315,14 +315,15 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
     return mean, std, t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
 
 
-def change_cells(by: dict[str, dict[int, dict]], key: str) -> list[tuple[str, str]]:
-    """Per strategy: "change ± CI | paired difference to E-GRPO ± CI | resolved?" table cells (paired by seed).
+def change_cells(by: dict[str, dict[int, dict]], key: str, baseline: str = "egrpo") -> list[tuple[str, str]]:
+    """Per strategy: "change ± CI | paired difference to the baseline ± CI | resolved?" table cells (paired by
+    seed).
 
     The intervals are 95% each. A difference counts as resolved only when it also holds with the table's
     comparisons corrected together (Bonferroni: each at 1 - 0.05 / m), so that a table of m comparisons
     does not call a noise difference resolved one time in 20 per row."""
-    ref = by.get("egrpo", {})
-    compared = [name for name in by if name != "egrpo" and ref]
+    ref = by.get(baseline, {})
+    compared = [name for name in by if name != baseline and ref]
     family_level = 1 - 0.05 / max(1, len(compared))
     rows = []
     for name, seeds in by.items():
@@ -347,7 +348,12 @@ def table_order(variant: str) -> tuple[int, str]:
     return (order.index(variant) if variant in order else len(order), variant)
 
 
-def report(out: Path, docs_dir: Path | None) -> str:
+class MissingBaseline(Exception):
+    pass
+
+
+def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
+    """The tables (paired differences against ``baseline``, E-GRPO unless asked), report.md and the curves."""
     every = load_runs(out)
     sweep = [r for r in every if r["phase"] == "sweep"]
     chosen = best_lrs(sweep)  # a grid widened later may move a pick: report the final runs at the current one
@@ -361,12 +367,15 @@ def report(out: Path, docs_dir: Path | None) -> str:
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["variant"], {})[r["seed"]] = r
+    if baseline not in by:
+        raise MissingBaseline(f"--baseline {baseline}: no such variant in {out}; there are {', '.join(by)}")
+    vs = f"vs {'E-GRPO' if baseline == 'egrpo' else baseline}, paired (95% CI)"
     lines = [f"Budget per run: {runs[0]['budget']:.0f} forward-equivalents; held-out score = mean reward over "
              f"the held-out prompts x {runs[0]['draws']} noise draws (ODE, fixed evaluation noise); base "
              f"{runs[0]['base']:.3f}.", f"--set for every run: {' '.join(runs[0].get('settings') or ['none'])}.", ""]
-    lines += ["| strategy | lr | seeds | iterations | held-out after | change (95% CI) | vs E-GRPO, paired (95% CI) | "
-              "resolved? |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, cells in change_cells(by, "change"):
+    lines += [f"| strategy | lr | seeds | iterations | held-out after | change (95% CI) | {vs} | resolved? |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, cells in change_cells(by, "change", baseline):
         rs = list(by[name].values())
         after, _, _ = mean_ci([r["after"] for r in rs])
         its = sum(r["iterations"] for r in rs) / len(rs)
@@ -374,13 +383,13 @@ def report(out: Path, docs_dir: Path | None) -> str:
     for r in runs:  # speed: the held-out change halfway through the budget (curve points 0, 25, 50, 75, 100%)
         r["half_change"] = r["curve"][len(r["curve"]) // 2]["reward"] - r["curve"][0]["reward"]
     lines += ["", "Held-out change at half the budget (how fast each climbs):", "",
-              "| strategy | change (95% CI) | vs E-GRPO, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "half_change")]
+              f"| strategy | change (95% CI) | {vs} | resolved? |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "half_change", baseline)]
     if all("train_change" in r for r in runs):
         lines += ["", f"Training-prompt reward (the run's own objective: {TRAIN_PROBE} fixed training prompts x "
                   f"{runs[0]['draws']} draws, ODE, the same noise; base {runs[0]['curve'][0]['train_reward']:.3f}):", "",
-                  "| strategy | change (95% CI) | vs E-GRPO, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "train_change")]
+                  f"| strategy | change (95% CI) | {vs} | resolved? |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {cell} |" for name, cell in change_cells(by, "train_change", baseline)]
     lines += signal_table(by)
     lines += ["", "Image quality after training (not part of the reward; mean over seeds; base in the first row):", ""]
     qkeys = sorted(next(iter(runs))["quality_after"])
@@ -390,6 +399,7 @@ def report(out: Path, docs_dir: Path | None) -> str:
     for name, seeds in by.items():
         rs = list(seeds.values())
         lines.append(f"| {name} | " + " | ".join(f"{sum(r['quality_after'][k] for r in rs) / len(rs):.4f}" for k in qkeys) + " |")
+    lines += noise_table(by, baseline, runs[0]["quality_base"]["quality_background_noise"])
     if sweep:
         lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
         lrs = sorted({r["lr"] for r in sweep})
@@ -406,6 +416,30 @@ def report(out: Path, docs_dir: Path | None) -> str:
     if docs_dir is not None:
         plot_curves(by, docs_dir / "reward_vs_compute.png")
     return text
+
+
+def noise_table(by: dict[str, dict[int, dict]], baseline: str, base: float) -> list[str]:
+    """Background noise after training as a multiple of the base model's: it grows by factors and a few seeds
+    blow up, so means and paired differences are taken on its logarithm (geometric means, ratios)."""
+    ref = by[baseline]
+    compared = [name for name in by if name != baseline]
+    family_level = 1 - 0.05 / max(1, len(compared))
+    rows = []
+    for name, seeds in by.items():
+        logs = {s: math.log(r["quality_after"]["quality_background_noise"] / base) for s, r in seeds.items()}
+        m, _, ci = mean_ci(list(logs.values()))
+        cells = [f"{math.exp(m):.1f} × ({math.exp(m - ci):.1f}-{math.exp(m + ci):.1f})", "", ""]
+        if name in compared:
+            diffs = [logs[s] - math.log(ref[s]["quality_after"]["quality_background_noise"] / base) for s in logs if s in ref]
+            dm, _, dci = mean_ci(diffs)
+            cells[1:] = [f"{math.exp(dm):.2f} × ({math.exp(dm - dci):.2f}-{math.exp(dm + dci):.2f})",
+                         "yes" if abs(dm) > mean_ci(diffs, family_level)[2] else "no"]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    label = "E-GRPO" if baseline == "egrpo" else baseline
+    return ["", f"Background noise after training, a multiple of the base's {base:.4f} (drift the reward does not "
+            f"see; geometric mean over seeds, and the paired ratio to {label}):", "",
+            f"| strategy | growth (95% CI) | ratio to {label}, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |",
+            *rows]
 
 
 def signal_table(by: dict[str, dict[int, dict]]) -> list[str]:
@@ -465,7 +499,11 @@ def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None))
+    try:
+        print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None, args.baseline))
+    except MissingBaseline as err:
+        print(f"compare_strategies: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -537,6 +575,7 @@ def main() -> int:
     rep = sub.add_parser("report", help="tables, paired differences and curves from a run's results")
     rep.add_argument("--out", required=True)
     rep.add_argument("--docs-dir", help="where the curve PNG goes")
+    rep.add_argument("--baseline", default="egrpo", help="the variant every paired difference is taken against")
     rep.set_defaults(func=cmd_report)
     args = p.parse_args()
     return args.func(args)

@@ -82,6 +82,22 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
     assert "base 0.300" in training and rows["egrpo"].startswith("| egrpo | -0.100 ±")
     assert "| -0.052 ±" in rows["better"] and rows["better"].rstrip(" |").endswith("yes")
     assert rows["same"].rstrip(" |").endswith("no")
+    against_better = _first_table(cs.report(tmp_path, None, baseline="better"))
+    assert "vs better, paired" in against_better["strategy"] and "| -0.052 ±" in against_better["egrpo"]
+    assert "Background noise after training" in cs.report(tmp_path, None)
+    with pytest.raises(cs.MissingBaseline, match="no such variant"):
+        cs.report(tmp_path, None, baseline="nothing")
+
+
+def test_noise_table_takes_geometric_means_and_paired_ratios():
+    def run(factor):
+        return {"quality_after": {"quality_background_noise": 0.002 * factor}}
+
+    by = {"egrpo": {s: run(2 * f) for s, f in enumerate((1, 2, 1))},  # 2, 4, 2 x the base: geometric mean 2.5 x
+          "drifts": {s: run(8 * f) for s, f in enumerate((1, 2, 1))}}  # 4 x E-GRPO's in every seed
+    rows = {line.split(" | ")[0].strip("| "): line for line in cs.noise_table(by, "egrpo", 0.002) if line.startswith("| ")}
+    assert rows["egrpo"].startswith("| egrpo | 2.5 ×")
+    assert "| 4.00 × (4.00-4.00) | yes |" in rows["drifts"]
 
 
 def test_best_lr_is_the_best_mean_change():
