@@ -24,10 +24,11 @@ they share one GPU (the tiny model's forwards are tiny: a GPU runs many such pro
     python benchmarks/compare_strategies.py report --out bench --docs-dir docs/benchmarks
 
 ``report`` prints (and writes to <out>/report.md) the tables: mean and 95% t-interval of the held-out change per
-strategy (at the end and halfway), paired differences against E-GRPO (paired by seed: same prompts stream and
-noise; "resolved" only under a Bonferroni correction over the table's comparisons), the training-prompt reward,
-quality per strategy, the share of an update that is signal while training (learner.gradient_noise, pooled over
-seeds), and writes the reward-vs-compute curves as PNG.
+strategy (at the end and halfway), paired differences against E-GRPO or ``--baseline`` (paired by seed: same
+prompts stream and noise; "resolved" only under a Bonferroni correction over the table's comparisons), the
+training-prompt reward, quality per strategy (background noise as growth over the base, with paired ratios), the
+share of an update that is signal while training (learner.gradient_noise, pooled over seeds), and writes the
+reward-vs-compute curves as PNG.
 """
 from __future__ import annotations
 
