@@ -416,6 +416,7 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
     (out / "report.md").write_text(text)
     if docs_dir is not None:
         plot_curves(by, docs_dir / "reward_vs_compute.png")
+        plot_tradeoff(by, runs[0]["quality_base"]["quality_background_noise"], docs_dir / "reward_vs_noise.png")
     return text
 
 
@@ -470,6 +471,35 @@ def signal_table(by: dict[str, dict[int, dict]]) -> list[str]:
     return ["", f"Gradient signal share of an update while training ({prompts} prompts an update; pairs of updates "
             "pooled over seeds; B_noise: the prompts at which an update is half signal):", "",
             "| strategy | pairs | share (95% CI) | B_noise, prompts (95% CI) |", "| --- | --- | --- | --- |", *rows]
+
+
+def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path) -> None:
+    """Held-out change against background-noise growth at the end, one point per variant with its 95% CIs:
+    what a variant gains on the reward and what it costs in drift the reward does not see."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, seeds in by.items():
+        rs = list(seeds.values())
+        change, _, change_ci = mean_ci([r["change"] for r in rs])
+        log_growth, _, log_ci = mean_ci([math.log(r["quality_after"]["quality_background_noise"] / base_noise) for r in rs])
+        log_ci = 0.0 if math.isnan(log_ci) else log_ci
+        growth = math.exp(log_growth)
+        xerr = [[growth - math.exp(log_growth - log_ci)], [math.exp(log_growth + log_ci) - growth]]
+        ax.errorbar([growth], [change], xerr=xerr, yerr=[0 if math.isnan(change_ci) else change_ci], capsize=3, marker="o")
+        ax.annotate(name, (growth, change), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"background noise after training, x the base's {base_noise:.4f} (geometric mean over seeds)")
+    ax.set_ylabel("held-out reward change")
+    ax.set_title("What each variant gains, and the drift it costs (mean and 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:

@@ -87,6 +87,8 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
     assert "Background noise after training" in cs.report(tmp_path, None)
     with pytest.raises(cs.MissingBaseline, match="no such variant"):
         cs.report(tmp_path, None, baseline="nothing")
+    cs.report(tmp_path, tmp_path / "docs")  # the curves, and the reward against the drift
+    assert {p.name for p in (tmp_path / "docs").glob("*.png")} == {"reward_vs_compute.png", "reward_vs_noise.png"}
 
 
 def test_noise_table_takes_geometric_means_and_paired_ratios():
