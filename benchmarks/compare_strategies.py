@@ -473,6 +473,11 @@ def signal_table(by: dict[str, dict[int, dict]]) -> list[str]:
             "| strategy | pairs | share (95% CI) | B_noise, prompts (95% CI) |", "| --- | --- | --- | --- |", *rows]
 
 
+def variant_colour(plt, k: int):
+    """The k-th variant's colour: distinct for 20 variants, beyond the default cycle's 10 (--also-lr adds some)."""
+    return plt.get_cmap("tab20").colors[2 * k % 20 + k // 10 % 2]
+
+
 def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path) -> None:
     """Held-out change against background-noise growth at the end, one point per variant with its 95% CIs:
     what a variant gains on the reward and what it costs in drift the reward does not see."""
@@ -483,14 +488,15 @@ def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, seeds in by.items():
+    for k, (name, seeds) in enumerate(by.items()):
         rs = list(seeds.values())
         change, _, change_ci = mean_ci([r["change"] for r in rs])
         log_growth, _, log_ci = mean_ci([math.log(r["quality_after"]["quality_background_noise"] / base_noise) for r in rs])
         log_ci = 0.0 if math.isnan(log_ci) else log_ci
         growth = math.exp(log_growth)
         xerr = [[growth - math.exp(log_growth - log_ci)], [math.exp(log_growth + log_ci) - growth]]
-        ax.errorbar([growth], [change], xerr=xerr, yerr=[0 if math.isnan(change_ci) else change_ci], capsize=3, marker="o")
+        ax.errorbar([growth], [change], xerr=xerr, yerr=[0 if math.isnan(change_ci) else change_ci], capsize=3, marker="o",
+                    color=variant_colour(plt, k))
         ax.annotate(name, (growth, change), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"background noise after training, x the base's {base_noise:.4f} (geometric mean over seeds)")
@@ -510,7 +516,6 @@ def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = plt.get_cmap("tab20").colors  # distinct beyond the default cycle's 10 (--also-lr adds lines)
     for k, (name, seeds) in enumerate(by.items()):
         rs = list(seeds.values())
         points = len(rs[0]["curve"])
@@ -518,7 +523,7 @@ def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
         stats = [mean_ci([r["curve"][i]["reward"] for r in rs]) for i in range(points)]
         ys = [m for m, _, _ in stats]
         err = [0 if math.isnan(c) else c for _, _, c in stats]
-        ax.errorbar(xs, ys, yerr=err, label=name, capsize=3, marker="o", markersize=3, color=colours[2 * k % 20 + k // 10 % 2])
+        ax.errorbar(xs, ys, yerr=err, label=name, capsize=3, marker="o", markersize=3, color=variant_colour(plt, k))
     ax.set_xlabel("forward-equivalents (rollout forwards + 3 x learner rows + recompute forwards)")
     ax.set_ylabel("held-out reward (mean of noise draws)")
     ax.set_title("Held-out reward vs compute, mean and 95% CI over seeds")
