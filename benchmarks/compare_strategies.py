@@ -316,9 +316,9 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
     return mean, std, t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
 
 
-def change_cells(by: dict[str, dict[int, dict]], key: str, baseline: str = "egrpo") -> list[tuple[str, str]]:
-    """Per strategy: "change ± CI | paired difference to the baseline ± CI | resolved?" table cells (paired by
-    seed).
+def paired_stats(by: dict[str, dict[int, dict]], value, baseline: str = "egrpo"):
+    """Per variant: (name, (mean, CI) of ``value(run)``, and against the baseline (mean paired difference, its CI,
+    resolved?) or None). Paired by seed.
 
     The intervals are 95% each. A difference counts as resolved only when it also holds with the table's
     comparisons corrected together (Bonferroni: each at 1 - 0.05 / m), so that a table of m comparisons
@@ -326,16 +326,22 @@ def change_cells(by: dict[str, dict[int, dict]], key: str, baseline: str = "egrp
     ref = by.get(baseline, {})
     compared = [name for name in by if name != baseline and ref]
     family_level = 1 - 0.05 / max(1, len(compared))
-    rows = []
     for name, seeds in by.items():
-        m, _, ci = mean_ci([r[key] for r in seeds.values()])
-        paired, verdict = "", ""
+        m, _, ci = mean_ci([value(r) for r in seeds.values()])
+        paired = None
         if name in compared:
-            diffs = [seeds[s][key] - ref[s][key] for s in seeds if s in ref]
+            diffs = [value(seeds[s]) - value(ref[s]) for s in seeds if s in ref]
             dm, _, dci = mean_ci(diffs)
-            strict = mean_ci(diffs, family_level)[2]
-            paired, verdict = f"{dm:+.3f} ± {dci:.3f}", "yes" if abs(dm) > strict else "no"
-        rows.append((name, f"{m:+.3f} ± {ci:.3f} | {paired} | {verdict}"))
+            paired = dm, dci, abs(dm) > mean_ci(diffs, family_level)[2]
+        yield name, (m, ci), paired
+
+
+def change_cells(by: dict[str, dict[int, dict]], key: str, baseline: str = "egrpo") -> list[tuple[str, str]]:
+    """Per strategy: "change ± CI | paired difference to the baseline ± CI | resolved?" table cells."""
+    rows = []
+    for name, (m, ci), paired in paired_stats(by, lambda r: r[key], baseline):
+        cells = f"{paired[0]:+.3f} ± {paired[1]:.3f} | {'yes' if paired[2] else 'no'}" if paired else " | "
+        rows.append((name, f"{m:+.3f} ± {ci:.3f} | {cells}"))
     return rows
 
 
@@ -420,23 +426,21 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
     return text
 
 
+def log_growth(run: dict, base: float) -> float:
+    """log(background noise after training / the base model's)."""
+    return math.log(run["quality_after"]["quality_background_noise"] / base)
+
+
 def noise_table(by: dict[str, dict[int, dict]], baseline: str, base: float) -> list[str]:
     """Background noise after training as a multiple of the base model's: it grows by factors and a few seeds
     blow up, so means and paired differences are taken on its logarithm (geometric means, ratios)."""
-    ref = by[baseline]
-    compared = [name for name in by if name != baseline]
-    family_level = 1 - 0.05 / max(1, len(compared))
+    def interval(m: float, ci: float, digits: int) -> str:
+        return f"{math.exp(m):.{digits}f} × ({math.exp(m - ci):.{digits}f}-{math.exp(m + ci):.{digits}f})"
+
     rows = []
-    for name, seeds in by.items():
-        logs = {s: math.log(r["quality_after"]["quality_background_noise"] / base) for s, r in seeds.items()}
-        m, _, ci = mean_ci(list(logs.values()))
-        cells = [f"{math.exp(m):.1f} × ({math.exp(m - ci):.1f}-{math.exp(m + ci):.1f})", "", ""]
-        if name in compared:
-            diffs = [logs[s] - math.log(ref[s]["quality_after"]["quality_background_noise"] / base) for s in logs if s in ref]
-            dm, _, dci = mean_ci(diffs)
-            cells[1:] = [f"{math.exp(dm):.2f} × ({math.exp(dm - dci):.2f}-{math.exp(dm + dci):.2f})",
-                         "yes" if abs(dm) > mean_ci(diffs, family_level)[2] else "no"]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, (m, ci), paired in paired_stats(by, lambda r: log_growth(r, base), baseline):
+        ratio = f"{interval(paired[0], paired[1], 2)} | {'yes' if paired[2] else 'no'}" if paired else " | "
+        rows.append(f"| {name} | {interval(m, ci, 1)} | {ratio} |")
     label = "E-GRPO" if baseline == "egrpo" else baseline
     return ["", f"Background noise after training, a multiple of the base's {base:.4f} (drift the reward does not "
             f"see; geometric mean over seeds, and the paired ratio to {label}):", "",
@@ -491,10 +495,10 @@ def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path)
     for k, (name, seeds) in enumerate(by.items()):
         rs = list(seeds.values())
         change, _, change_ci = mean_ci([r["change"] for r in rs])
-        log_growth, _, log_ci = mean_ci([math.log(r["quality_after"]["quality_background_noise"] / base_noise) for r in rs])
+        log_mean, _, log_ci = mean_ci([log_growth(r, base_noise) for r in rs])
         log_ci = 0.0 if math.isnan(log_ci) else log_ci
-        growth = math.exp(log_growth)
-        xerr = [[growth - math.exp(log_growth - log_ci)], [math.exp(log_growth + log_ci) - growth]]
+        growth = math.exp(log_mean)
+        xerr = [[growth - math.exp(log_mean - log_ci)], [math.exp(log_mean + log_ci) - growth]]
         ax.errorbar([growth], [change], xerr=xerr, yerr=[0 if math.isnan(change_ci) else change_ci], capsize=3, marker="o",
                     color=variant_colour(plt, k))
         ax.annotate(name, (growth, change), textcoords="offset points", xytext=(5, 5), fontsize=8)
