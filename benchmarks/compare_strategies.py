@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"compare_strategies: --set: {err}".splitlines()[0], file=sys.stderr)
         return 2
     try:
-        custom = custom_variants(args.variants)
+        custom = custom_variants(args.variants, set(extra_variants(args.suffix, args.band)))
     except (ValueError, ConfigError) as err:
         print(f"compare_strategies: --variant: {err}".splitlines()[0], file=sys.stderr)
         return 2
@@ -250,14 +250,14 @@ def extra_variants(suffixes: list[tuple[str, int]], bands: list[tuple[float, flo
     return extras
 
 
-def custom_variants(specs: list[list[str]]) -> dict[str, list[str]]:
+def custom_variants(specs: list[list[str]], taken: set[str] = frozenset()) -> dict[str, list[str]]:
     """``--variant NAME KEY=VALUE ...``: an extra of the user's own, swept and run like the others. The overrides
-    are checked here, in one line, not in every worker."""
+    are checked here, in one line, not in every worker; ``taken``: the run's other extras' names."""
     from egrpo_ray.config import load_config
 
     custom = {}
     for name, *overrides in specs:
-        if name in STRATEGIES or name in ABLATION or name in custom or "@" in name or "/" in name:
+        if name in STRATEGIES or name in ABLATION or name in taken or name in custom or "@" in name or "/" in name:
             raise ValueError(f"{name!r}: the name is taken or has '@' or '/' in it; pick another")
         if not overrides:
             raise ValueError(f"{name!r}: no overrides given; expected NAME KEY=VALUE [KEY=VALUE ...]")
@@ -359,6 +359,10 @@ class MissingBaseline(Exception):
     pass
 
 
+def baseline_label(baseline: str) -> str:
+    return "E-GRPO" if baseline == "egrpo" else baseline
+
+
 def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
     """The tables (paired differences against ``baseline``, E-GRPO unless asked), report.md and the curves."""
     every = load_runs(out)
@@ -376,7 +380,8 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
         by.setdefault(r["variant"], {})[r["seed"]] = r
     if baseline not in by:
         raise MissingBaseline(f"--baseline {baseline}: no such variant in {out}; there are {', '.join(by)}")
-    vs = f"vs {'E-GRPO' if baseline == 'egrpo' else baseline}, paired (95% CI)"
+    vs = f"vs {baseline_label(baseline)}, paired (95% CI)"
+    base_noise = runs[0]["quality_base"]["quality_background_noise"]
     lines = [f"Budget per run: {runs[0]['budget']:.0f} forward-equivalents; held-out score = mean reward over "
              f"the held-out prompts x {runs[0]['draws']} noise draws (ODE, fixed evaluation noise); base "
              f"{runs[0]['base']:.3f}.", f"--set for every run: {' '.join(runs[0].get('settings') or ['none'])}.", ""]
@@ -406,7 +411,7 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
     for name, seeds in by.items():
         rs = list(seeds.values())
         lines.append(f"| {name} | " + " | ".join(f"{sum(r['quality_after'][k] for r in rs) / len(rs):.4f}" for k in qkeys) + " |")
-    lines += noise_table(by, baseline, runs[0]["quality_base"]["quality_background_noise"])
+    lines += noise_table(by, baseline, base_noise)
     if sweep:
         lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
         lrs = sorted({r["lr"] for r in sweep})
@@ -422,7 +427,7 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
     (out / "report.md").write_text(text)
     if docs_dir is not None:
         plot_curves(by, docs_dir / "reward_vs_compute.png")
-        plot_tradeoff(by, runs[0]["quality_base"]["quality_background_noise"], docs_dir / "reward_vs_noise.png")
+        plot_tradeoff(by, base_noise, docs_dir / "reward_vs_noise.png")
     return text
 
 
@@ -441,7 +446,7 @@ def noise_table(by: dict[str, dict[int, dict]], baseline: str, base: float) -> l
     for name, (m, ci), paired in paired_stats(by, lambda r: log_growth(r, base), baseline):
         ratio = f"{interval(paired[0], paired[1], 2)} | {'yes' if paired[2] else 'no'}" if paired else " | "
         rows.append(f"| {name} | {interval(m, ci, 1)} | {ratio} |")
-    label = "E-GRPO" if baseline == "egrpo" else baseline
+    label = baseline_label(baseline)
     return ["", f"Background noise after training, a multiple of the base's {base:.4f} (drift the reward does not "
             f"see; geometric mean over seeds, and the paired ratio to {label}):", "",
             f"| strategy | growth (95% CI) | ratio to {label}, paired (95% CI) | resolved? |", "| --- | --- | --- | --- |",

@@ -180,6 +180,8 @@ def test_custom_variants_are_checked_and_kept():
             cs.custom_variants([bad])
     with pytest.raises(ValueError, match="taken"):
         cs.custom_variants([spec, spec])
+    with pytest.raises(ValueError, match="taken"):  # a --band extra's name
+        cs.custom_variants([["egrpo-band0.375-0.75", "algorithm.kl_beta=0.04"]], {"egrpo-band0.375-0.75"})
 
 
 @pytest.mark.parametrize("text", ["-1", "1000", "x"])
