@@ -1,8 +1,8 @@
 """Faults and stops of the Ray service on the tiny model, on a real local Ray cluster (2 cores):
-a SIGKILLed rollout worker is restarted (and a SIGKILLed reward replica replaced) and the run finishes with
-every step; a SIGKILLed learner worker
-makes Ray Train restart the group from the latest checkpoint; Ctrl-C (SIGINT) on the CLI checkpoints the
-current step and exits 130, and --resume then finishes with exactly one metrics line per step."""
+a SIGKILLed rollout worker is restarted, a SIGKILLed reward replica replaced, and a SIGKILLed learner worker
+makes Ray Train restart the group from the latest checkpoint, and the run finishes with every step; a reward
+that cannot start fails in one line; Ctrl-C (SIGINT) on the CLI checkpoints the current step and exits 130,
+and --resume then finishes with exactly one metrics line per step."""
 import json
 import os
 import signal
@@ -71,26 +71,6 @@ def _finish(thread, result, timeout_s: float = 300) -> dict:
     return result["summary"]
 
 
-def test_killed_rollout_worker_and_reward_replica_are_replaced_and_every_step_runs(ray_cluster, tmp_path):
-    import ray
-
-    out = tmp_path / "rollout_kill"
-    thread, result = _train_in_background(out, ["cluster.run_name=faults-rollout"])
-    _wait_for_step(out, 2, thread)
-    victim = ray.get_actor("faults-rollout-rollout-0")
-    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
-    _wait_for_step(out, 3, thread)
-    [replica] = _alive_pids("ServeReplica:egrpo-faults-rollout-alignment:reward_alignment")
-    os.kill(replica, signal.SIGKILL)  # Serve replaces it; calls that hit the dead one are retried
-    summary = _finish(thread, result)
-    assert _steps(out) == list(range(1, STEPS + 1))
-    assert summary["failures"]["rollout_restarts"] == 1 and summary["completed"]
-    assert summary["failures"]["rollout_lost"] == 0
-    assert [w["restarts"] for w in summary["rollout_workers"]] == [1, 0]
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["rollout_restarts"] == 1  # counted in the metrics too
-
-
 def test_collective_sync_survives_a_killed_rollout_worker_through_a_learner_restart(ray_cluster, tmp_path):
     """With rollout.weight_sync=collective the dead worker breaks the broadcast group: the learner's next
     publish fails, Ray Train restarts the learner from the latest checkpoint, and the new group takes in the
@@ -109,21 +89,61 @@ def test_collective_sync_survives_a_killed_rollout_worker_through_a_learner_rest
     assert summary["failures"]["learner_restarts"] == 1
 
 
-def test_killed_learner_worker_restarts_from_the_latest_checkpoint(ray_cluster, tmp_path):
-    out = tmp_path / "learner_kill"
-    thread, result = _train_in_background(out, ["cluster.run_name=faults-learner", "learner.max_failures=1"])
+def test_a_run_survives_a_killed_rollout_worker_reward_replica_and_learner_worker(ray_cluster, tmp_path):
+    """Three faults in one run (object-store weight sync): the rollout worker is restarted and given its loop
+    back, Serve replaces the reward replica (calls that hit the dead one are retried), and Ray Train restarts
+    the learner group from the latest checkpoint. Every step runs once; a policy version is never reused."""
+    import ray
+
+    out = tmp_path / "faults"
+    thread, result = _train_in_background(out, ["cluster.run_name=faults", "learner.max_failures=1"])
+    _wait_for_step(out, 2, thread)
+    victim = ray.get_actor("faults-rollout-0")
+    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
     _wait_for_step(out, 3, thread)  # the checkpoint at step 2 exists
-    [pid] = _alive_pids("RayTrainWorker")
-    os.kill(pid, signal.SIGKILL)
+    [learner] = _alive_pids("RayTrainWorker")
+    os.kill(learner, signal.SIGKILL)
+    [replica] = _alive_pids("ServeReplica:egrpo-faults-alignment:reward_alignment")
+    os.kill(replica, signal.SIGKILL)
     summary = _finish(thread, result)
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # replayed steps replace their first lines
     versions = [r["policy_version"] for r in records]
-    assert versions == sorted(set(versions))  # a restart never reuses a policy version
-    assert summary["failures"]["learner_restarts"] == 1 and summary["completed"]
-    assert summary["heldout_reward_after"] is not None
+    assert versions == sorted(set(versions))
+    assert summary["completed"] and summary["heldout_reward_after"] is not None
+    assert summary["failures"]["learner_restarts"] == 1
+    assert summary["failures"]["rollout_restarts"] == 1 and summary["failures"]["rollout_lost"] == 0
+    assert [w["restarts"] for w in summary["rollout_workers"]] == [1, 0]
+    assert records[-1]["rollout_restarts"] == 1 and records[-1]["learner_restarts"] == 1  # in the metrics too
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept[-1] == f"step_{STEPS:06d}" and len(kept) <= 3  # the last 2 and the best
+
+
+def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_path):
+    """A reward whose model does not load in its replica (a CLIP directory whose config.json is no model's)
+    passes the up-front checks; Serve gives its application up after retries while Train starts the learner.
+    The CLI exits 2 with one line naming the reward, and the learner, told to stop, ends without a traceback."""
+    import ray
+
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    (tmp_path / "run.yaml").write_text(f"rewards:\n  - {{name: clip, path: {tmp_path / 'clip'}, num_cpus: 0.1}}\n")
+    cmd = [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(tmp_path / "run.yaml"),
+           "--output-dir", str(tmp_path / "out"), "--no-progress",
+           "--set", f"cluster.address={ray.get_runtime_context().gcs_address}"]
+    for s in SMALL:
+        if not s.startswith("rewards."):
+            cmd += ["--set", s]
+    done = subprocess.run(cmd, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, cwd=ROOT, timeout=180)
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    text = done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "egrpo-ray: error: reward 'clip': its Serve application did not start (OSError: "), text[-3000:]
+    # Serve's controller logs the replica's traceback; it reaches this console only because the session's
+    # cluster started Serve without the run's runtime env (a run that starts Serve keeps that log in files)
+    ours = "\n".join(l for l in text.splitlines() if "(ServeController pid=" not in l)
+    assert not any(crash in ours for crash in ("Traceback", "Stack trace", "Fatal Python error")), ours[-3000:]
 
 
 def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, tmp_path):

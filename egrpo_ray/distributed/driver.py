@@ -2,6 +2,10 @@
 the replay queue, weight store and run log, the rollout workers and the Ray Train learner, then follows
 the run like a single-process loop would: progress bar, metrics.jsonl, grids, curve, one line per failure.
 
+Start-up overlaps: Serve deploys the rewards while the rollout workers load the model and Ray Train starts
+the learner, which waits for the driver's word that the rewards are up. A reward that cannot start (Serve gives
+its application up) ends the run in one line, with the learner and the rollout workers stopped.
+
 Faults: rollout workers are restartable actors (``RolloutFleet`` gives a restarted one its loop back); reward
 replicas are replaced by Serve and the calls retried; the learner group is restarted by Ray Train from the
 latest checkpoint (FailureConfig). Stops: Ctrl-C (SIGINT) and SIGTERM (``ray job stop``) ask the learner to
@@ -166,7 +170,12 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         validate_on_cluster,
     )
     from egrpo_ray.distributed.learner import learner_loop
-    from egrpo_ray.distributed.reward_service import delete_rewards, deploy_rewards
+    from egrpo_ray.distributed.reward_service import (
+        RewardDeployFailed,
+        delete_rewards,
+        deploy_rewards,
+        wait_for_rewards,
+    )
     from egrpo_ray.distributed.rollout import RolloutFleet, RolloutWorker
 
     out = Path(output_dir or cfg.logging.output_dir).resolve()
@@ -188,7 +197,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         done_batches = meta.get("prompt_batches_by_worker", {})
         queue, store, log = start_run_actors(cfg.cluster.run_name, cfg.learner.queue_capacity,
                                              cfg.learner.max_staleness, done_batches)
-        # Actors start (imports, model load) while Serve deploys the rewards: start-up overlaps.
+        # Actors and the learner start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
             RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                                   resources=cfg.rollout.resources, max_restarts=cfg.rollout.max_restarts,
@@ -196,9 +205,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
                 cfg.model_dump(), i, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None)
             for i in range(cfg.rollout.workers)
         ]
-        deploy_rewards(cfg)
-        ready = [w.ready.remote() for w in workers]  # actor tasks run in order: ready, then run
-        fleet = RolloutFleet(cfg, workers, queue, log)
+        deploy_rewards(cfg, wait=False)  # Serve starts the replicas while Train starts the learner
         scaling, torch_config = _learner_scaling(cfg)
         trainer = TorchTrainer(
             learner_loop,
@@ -212,9 +219,17 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         )
         learner = _Background(trainer.fit)
         try:
+            wait_for_rewards(cfg)
+        except RewardDeployFailed:
+            _abandon_start(cfg, log, queue, workers, learner)  # the learner, waiting for the rewards, ends at once
+            raise
+        ray.get(log.mark_rewards_ready.remote())
+        ready = [w.ready.remote() for w in workers]  # actor tasks run in order: ready, then run
+        fleet = RolloutFleet(cfg, workers, queue, log)
+        try:
             ray.get(ready, timeout=cfg.cluster.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            _request_stop(log, queue)
+            _abandon_start(cfg, log, queue, workers, learner)
             raise ConfigError(f"rollout workers did not start within {cfg.cluster.startup_timeout_s:g} s "
                               "(the cluster lacks the resources they ask for?)") from None
 
@@ -299,6 +314,18 @@ def _request_stop(log, queue) -> None:
     import ray
 
     ray.get([log.request_stop.remote(), queue.close.remote()])
+
+
+def _abandon_start(cfg: ExperimentConfig, log, queue, workers: list, learner: _Background) -> None:
+    """A start that failed: stop the learner and the rollout workers, and let fit() return. On an attached
+    cluster, a daemon thread still in fit() or actors still loading when the driver exits abort with native
+    stack dumps."""
+    import ray
+
+    _request_stop(log, queue)
+    for worker in workers:
+        ray.kill(worker, no_restart=True)
+    learner.thread.join(cfg.cluster.startup_timeout_s)
 
 
 def _first_line(err: BaseException) -> str:

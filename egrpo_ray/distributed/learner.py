@@ -155,7 +155,8 @@ class Learner:
         train_prompts, self.heldout = prompt_splits(cfg.prompts)
         self.probe = train_probe(train_prompts)
         self.reward_fn = None
-        if self.rank == 0:
+        self.abandoned = not self._wait_for_rewards()
+        if self.rank == 0 and not self.abandoned:
             report = lambda msg: self.log.failure.remote("reward_retries", msg)
             self.reward_fn = retrying(remote_reward_fn(reward_handles(cfg)), cfg.rollout.reward_retries, report, "learner")
         self.share = cfg.learner.prompts_per_step // self.world
@@ -165,6 +166,8 @@ class Learner:
     # ---------------------------------------------------------------------------------------- the loop
 
     def run(self) -> None:
+        if self.abandoned:
+            return
         self.publish()
         if self.step == 0 and self.attempt == 0:
             self.report_heldout("before")
@@ -190,6 +193,18 @@ class Learner:
         self.report_heldout("after")
 
     # ---------------------------------------------------------------------------------------- phases
+
+    def _wait_for_rewards(self) -> bool:
+        """The driver deploys the rewards while Train starts this group: rank 0 waits until it reports them
+        up (True), or stops the run first because they failed (False: no step, no traceback). Every rank
+        gets rank 0's answer."""
+        ready = True
+        if self.rank == 0:
+            ready, stop = ray.get(self.log.start_state.remote())
+            while not (ready or stop):
+                time.sleep(0.2)
+                ready, stop = ray.get(self.log.start_state.remote())
+        return _collective(float(ready), "min") > 0
 
     def _restore(self, resume_from: str | None) -> int:
         """Load the checkpoint to start from; returns the attempt (0, or the number of Train restarts).

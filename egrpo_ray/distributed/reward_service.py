@@ -32,8 +32,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from ray import serve
+from ray.serve.schema import ApplicationStatus, DeploymentStatus
 
-from egrpo_ray.config import ClusterConfig, ExperimentConfig, RewardConfig
+from egrpo_ray.config import ClusterConfig, ConfigError, ExperimentConfig, RewardConfig
 from egrpo_ray.images import to_uint8
 from egrpo_ray.monitoring import RoleMetrics
 
@@ -274,19 +275,24 @@ class RewardDeployment:
         return _json_response({"reward": self.cfg.name, "scores": [float(x) for x in scores]}, 200)
 
 
-def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
-    """Start one Serve application per reward; returns name -> DeploymentHandle."""
+def deploy_rewards(cfg: ExperimentConfig, wait: bool = True) -> dict[str, object]:
+    """Start one Serve application per reward, all at once; returns name -> DeploymentHandle.
+    ``wait=False`` returns once the applications exist (handles work; calls queue until a replica is up):
+    the driver starts the learner meanwhile, then calls ``wait_for_rewards``."""
     c = cfg.cluster
     if c.http_enabled:
         serve.start(http_options={"host": c.http_host, "port": c.http_port})
     else:
         serve.start(proxy_location="Disabled")
-    handles = {}
+    targets = []
     for r in cfg.rewards:
         options = {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": r.resources},
                    # Serve queues (never refuses) past max_ongoing_requests, and the rollout handles share it:
                    # keep it high for batching; the HTTP cap (503 at once) is enforced in the replica.
                    "max_ongoing_requests": 256 + c.max_requests_in_flight,
+                   # how often a stopping replica checks for calls still in flight (Serve's 2 s default
+                   # is most of the time a run's tear-down takes)
+                   "graceful_shutdown_wait_loop_s": 0.1,
                    "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
         if r.autoscale_max_replicas:
             options["autoscaling_config"] = {"min_replicas": r.replicas, "max_replicas": r.autoscale_max_replicas,
@@ -297,9 +303,40 @@ def deploy_rewards(cfg: ExperimentConfig) -> dict[str, object]:
             r.model_dump(), r.batch_size, r.batch_wait_s, c.max_images_per_request, c.max_image_bytes,
             c.max_image_pixels, c.reward_timeout_s, c.max_requests_in_flight, c.run_name or None,
         )
-        handles[r.name] = serve.run(app, name=app_name(cfg, r.name),
-                                    route_prefix=f"/rewards/{r.name}" if c.http_enabled else None)
-    return handles
+        targets.append(serve.RunTarget(app, name=app_name(cfg, r.name),
+                                       route_prefix=f"/rewards/{r.name}" if c.http_enabled else None))
+    handles = serve.run_many(targets, wait_for_applications_running=False)
+    if wait:
+        wait_for_rewards(cfg)
+    return {r.name: h for r, h in zip(cfg.rewards, handles)}
+
+
+class RewardDeployFailed(ConfigError):
+    """A reward application failed to deploy (its replicas could not start); one line, Serve's reason."""
+
+
+def wait_for_rewards(cfg: ExperimentConfig, poll_s: float = 0.2) -> None:
+    """Block until every reward application of the run is RUNNING. Raises RewardDeployFailed when Serve
+    gives one up (DEPLOY_FAILED) or it is gone (the driver deleted it: its run ended)."""
+    pending = {app_name(cfg, r.name): r.name for r in cfg.rewards}
+    while pending:
+        apps = serve.status().applications
+        for app, reward in list(pending.items()):
+            status = apps.get(app)
+            if status is None or status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.DELETING):
+                why = _failure_reason(status) if status is not None else "it was deleted"
+                raise RewardDeployFailed(f"reward {reward!r}: its Serve application did not start ({why})")
+            if status.status == ApplicationStatus.RUNNING:
+                del pending[app]
+        if pending:
+            time.sleep(poll_s)
+
+
+def _failure_reason(app) -> str:
+    """The replica's own error: the last line of a failed deployment's message (its constructor's traceback)."""
+    messages = [d.message for d in app.deployments.values() if d.status == DeploymentStatus.DEPLOY_FAILED and d.message]
+    lines = [l.strip() for l in (messages or [app.message or app.status])[0].splitlines() if l.strip()]
+    return lines[-1][:300] if lines else str(app.status)
 
 
 def delete_rewards(cfg: ExperimentConfig) -> None:
