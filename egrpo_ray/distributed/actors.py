@@ -164,9 +164,9 @@ class WeightStore:
 @ray.remote(num_cpus=0)
 class RunLog:
     """What the driver follows: per-step metrics and images from the learner, failures from anyone
-    (one line each, as they happen), the stop flag, and whether the rewards are up. With ``run`` it also exports the learner's records
-    (egrpo_learner_*) and the fault counts (egrpo_faults) as metrics: it lives as long as the run, across
-    learner restarts."""
+    (one line each, as they happen); and what the learner follows: the stop flag, whether the rewards are up.
+    With ``run`` it also exports the learner's records (egrpo_learner_*) and the fault counts (egrpo_faults)
+    as metrics: it lives as long as the run, across learner restarts."""
 
     FAULT_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_restarts")
 

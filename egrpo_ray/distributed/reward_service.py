@@ -316,8 +316,8 @@ class RewardDeployFailed(ConfigError):
 
 
 def wait_for_rewards(cfg: ExperimentConfig, poll_s: float = 0.2) -> None:
-    """Block until every reward application of the run is RUNNING. Raises RewardDeployFailed when Serve
-    gives one up (DEPLOY_FAILED) or it is gone (the driver deleted it: its run ended)."""
+    """Block until every reward application of the run is RUNNING. Raises RewardDeployFailed, naming the
+    replica's error, when Serve gives one up (DEPLOY_FAILED), or when one is deleted meanwhile."""
     pending = {app_name(cfg, r.name): r.name for r in cfg.rewards}
     while pending:
         apps = serve.status().applications
