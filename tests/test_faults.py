@@ -1,7 +1,7 @@
 """Faults and stops of the Ray service on the tiny model, on a real local Ray cluster (2 cores):
 a SIGKILLed rollout worker is restarted, a SIGKILLed reward replica replaced, and a SIGKILLed learner worker
 makes Ray Train restart the group from the latest checkpoint, and the run finishes with every step; a reward
-that cannot start fails in one line; Ctrl-C (SIGINT) on the CLI checkpoints the current step and exits 130,
+that cannot start, or rollout workers that do not start in time, end the run in one line; Ctrl-C (SIGINT) on the CLI checkpoints the current step and exits 130,
 and --resume then finishes with exactly one metrics line per step."""
 import json
 import os
@@ -119,43 +119,52 @@ def test_a_run_survives_a_killed_rollout_worker_reward_replica_and_learner_worke
     assert kept[-1] == f"step_{STEPS:06d}" and len(kept) <= 3  # the last 2 and the best
 
 
-def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_path):
-    """A reward whose model does not load in its replica (a CLIP directory whose config.json is no model's)
-    passes the up-front checks; Serve gives its application up after retries while Train starts the learner.
-    The CLI exits 2 with one line naming the reward, and the learner, told to stop, ends without a traceback."""
+def _cli_train(config: Path, out: Path, sets: list[str]) -> list[str]:
+    """``egrpo-ray train`` joined to the session cluster (no second cluster start)."""
     import ray
 
-    (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "config.json").write_text("{}")
-    (tmp_path / "run.yaml").write_text(f"rewards:\n  - {{name: clip, path: {tmp_path / 'clip'}, num_cpus: 0.1}}\n")
-    cmd = [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(tmp_path / "run.yaml"),
-           "--output-dir", str(tmp_path / "out"), "--no-progress",
-           "--set", f"cluster.address={ray.get_runtime_context().gcs_address}"]
-    for s in SMALL:
-        if not s.startswith("rewards."):
-            cmd += ["--set", s]
-    done = subprocess.run(cmd, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, cwd=ROOT, timeout=180)
-    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    sets = sets + [f"cluster.address={ray.get_runtime_context().gcs_address}"]
+    return [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(config), "--output-dir", str(out),
+            "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def _failed_start(tmp_path: Path, config: Path, sets: list[str]) -> str:
+    """Run a start that must fail; returns its last line after checking there is no crash output. Serve's
+    controller logs a failed replica's traceback; it reaches this console only because the session's cluster
+    started Serve without the run's runtime env (a run that starts Serve keeps that log in files)."""
+    done = subprocess.run(_cli_train(config, tmp_path / "out", SMALL + sets), check=False, capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, cwd=ROOT, timeout=180)
     text = done.stdout + done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "egrpo-ray: error: reward 'clip': its Serve application did not start (OSError: "), text[-3000:]
-    # Serve's controller logs the replica's traceback; it reaches this console only because the session's
-    # cluster started Serve without the run's runtime env (a run that starts Serve keeps that log in files)
+    assert done.returncode == 2, text[-3000:]
     ours = "\n".join(l for l in text.splitlines() if "(ServeController pid=" not in l)
     assert not any(crash in ours for crash in ("Traceback", "Stack trace", "Fatal Python error")), ours[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_path):
+    """A reward whose model does not load in its replica (a CLIP directory with a config.json and no weights)
+    passes the up-front checks; Serve gives its application up after retries while Train starts the learner.
+    The run ends with one line naming the reward; the learner, told to stop, ends without a traceback."""
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    (tmp_path / "run.yaml").write_text(f"rewards:\n  - {{name: clip, path: {tmp_path / 'clip'}}}\n")
+    last = _failed_start(tmp_path, tmp_path / "run.yaml", [])
+    assert last.startswith("egrpo-ray: error: reward 'clip': its Serve application did not start (OSError: "), last
+
+
+def test_rollout_workers_that_do_not_start_in_time_end_the_run_in_one_line(ray_cluster, tmp_path):
+    """cluster.startup_timeout_s runs out while the rollout workers load (collective weight sync: the learner's
+    group would wait for them): the workers are stopped, the learner ends, and the run ends in one line."""
+    last = _failed_start(tmp_path, ROOT / "configs" / "tiny.yaml",
+                         ["cluster.startup_timeout_s=0.001", "rollout.weight_sync=collective"])
+    assert last == ("egrpo-ray: error: rollout workers did not start within 0.001 s "
+                    "(the cluster lacks the resources they ask for?)"), last
 
 
 def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, tmp_path):
-    import ray
-
     out = tmp_path / "sigint"
-    address = ray.get_runtime_context().gcs_address  # join the session cluster: no second cluster start
-    cmd = [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--output-dir", str(out), "--no-progress", "--set", f"learner.iterations={STEPS}",
-           "--set", "learner.checkpoint_every=4", "--set", f"cluster.address={address}"]
-    for s in SMALL[:-2]:
-        cmd += ["--set", s]
+    cmd = _cli_train(ROOT / "configs" / "tiny.yaml", out,
+                     SMALL[:-2] + [f"learner.iterations={STEPS}", "learner.checkpoint_every=4"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     _wait_for_step(out, 2, proc)
