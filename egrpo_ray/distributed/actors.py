@@ -164,7 +164,7 @@ class WeightStore:
 @ray.remote(num_cpus=0)
 class RunLog:
     """What the driver follows: per-step metrics and images from the learner, failures from anyone
-    (one line each, as they happen); and what the learner follows: the stop flag, whether the rewards are up.
+    (one line each, as they happen); and what the learner follows: the stop flag, whether the run started.
     With ``run`` it also exports the learner's records (egrpo_learner_*) and the fault counts (egrpo_faults)
     as metrics: it lives as long as the run, across learner restarts."""
 
@@ -175,7 +175,7 @@ class RunLog:
         self.images: list[tuple[int, str, object]] = []
         self.failures: list[dict] = []
         self.stop_requested = False
-        self.rewards_ready = False
+        self.started = False
         self.learner_starts = 0
         self.fault_counts = Counter({k: 0 for k in self.FAULT_KINDS})
         self.learner_metrics, self.fault_metrics = RoleMetrics(run, "learner"), RoleMetrics(run, "driver")
@@ -209,12 +209,13 @@ class RunLog:
     def should_stop(self) -> bool:
         return self.stop_requested
 
-    def mark_rewards_ready(self) -> None:
-        self.rewards_ready = True
+    def mark_started(self) -> None:
+        """The driver's word that the rewards are up and the rollout workers started."""
+        self.started = True
 
     def start_state(self) -> tuple[bool, bool]:
-        """(rewards ready, stop requested): the learner waits for either before it scores anything."""
-        return self.rewards_ready, self.stop_requested
+        """(started, stop requested): the learner waits for either before it touches a worker or a reward."""
+        return self.started, self.stop_requested
 
 
 def _actor_name(run: str, role: str) -> str:

@@ -3,8 +3,9 @@ the replay queue, weight store and run log, the rollout workers and the Ray Trai
 the run like a single-process loop would: progress bar, metrics.jsonl, grids, curve, one line per failure.
 
 Start-up overlaps: Serve deploys the rewards while the rollout workers load the model and Ray Train starts
-the learner, which waits for the driver's word that the rewards are up. A reward that cannot start (Serve gives
-its application up) ends the run in one line, with the learner and the rollout workers stopped.
+the learner, which builds its model, then waits for the driver's word that the rewards are up and the rollout
+workers started. A reward that cannot start (Serve gives its application up), or rollout workers that do not
+start within cluster.startup_timeout_s, end the run in one line, with the learner and the workers stopped.
 
 Faults: rollout workers are restartable actors (``RolloutFleet`` gives a restarted one its loop back); reward
 replicas are replaced by Serve and the calls retried; the learner group is restarted by Ray Train from the
@@ -49,6 +50,10 @@ REWARD_DEPLOYMENT_KEYS = {"replicas", "num_cpus", "num_gpus", "resources", "batc
 FAILURE_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_restarts")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
+
+# How long a failed start waits for fit() to return (the learner may still be loading its model); past it the
+# learner is left to Ray, which ends it with the driver.
+ABANDON_WAIT_S = 120.0
 
 # learner.backend -> the process group's. NCCL reduces CUDA tensors only ("No backend type associated with
 # device type cpu"); the learner's CPU reductions (learner.py: minibatch counts, metrics) need gloo beside it.
@@ -221,17 +226,17 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         try:
             wait_for_rewards(cfg)
         except RewardDeployFailed:
-            _abandon_start(cfg, log, queue, workers, learner)  # the learner, waiting for the rewards, ends at once
+            _abandon_start(log, queue, workers, learner)
             raise
-        ray.get(log.mark_rewards_ready.remote())
         ready = [w.ready.remote() for w in workers]  # actor tasks run in order: ready, then run
         fleet = RolloutFleet(cfg, workers, queue, log)
         try:
             ray.get(ready, timeout=cfg.cluster.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            _abandon_start(cfg, log, queue, workers, learner)
+            _abandon_start(log, queue, workers, learner)
             raise ConfigError(f"rollout workers did not start within {cfg.cluster.startup_timeout_s:g} s "
                               "(the cluster lacks the resources they ask for?)") from None
+        ray.get(log.mark_started.remote())
 
         summary = _follow(cfg, out, history, log, queue, fleet, learner, signals, start_step, progress)
 
@@ -316,16 +321,15 @@ def _request_stop(log, queue) -> None:
     ray.get([log.request_stop.remote(), queue.close.remote()])
 
 
-def _abandon_start(cfg: ExperimentConfig, log, queue, workers: list, learner: _Background) -> None:
-    """A start that failed: stop the learner and the rollout workers, and let fit() return. On an attached
-    cluster, a daemon thread still in fit() or actors still loading when the driver exits abort with native
-    stack dumps."""
+def _abandon_start(log, queue, workers: list, learner: _Background) -> None:
+    """A start that failed: stop the rollout workers (actors still loading when the driver exits abort with
+    native stack dumps) and the learner, which ends without a step once it reaches its wait for the start."""
     import ray
 
     _request_stop(log, queue)
     for worker in workers:
         ray.kill(worker, no_restart=True)
-    learner.thread.join(cfg.cluster.startup_timeout_s)
+    learner.thread.join(ABANDON_WAIT_S)
 
 
 def _first_line(err: BaseException) -> str:

@@ -150,12 +150,13 @@ class Learner:
         self.attempt = self._restore(config.get("resume_from"))
         self.checkpointed_step = self.step
         self.last_reward: float | None = None
-        self.publisher = WeightPublisher(cfg, self.store, config["workers"], self.rank, self.sharded)
+        self.abandoned = not self._wait_for_start()
+        self.publisher = None if self.abandoned else WeightPublisher(cfg, self.store, config["workers"], self.rank,
+                                                                     self.sharded)
 
         train_prompts, self.heldout = prompt_splits(cfg.prompts)
         self.probe = train_probe(train_prompts)
         self.reward_fn = None
-        self.abandoned = not self._wait_for_rewards()
         if self.rank == 0 and not self.abandoned:
             report = lambda msg: self.log.failure.remote("reward_retries", msg)
             self.reward_fn = retrying(remote_reward_fn(reward_handles(cfg)), cfg.rollout.reward_retries, report, "learner")
@@ -194,17 +195,17 @@ class Learner:
 
     # ---------------------------------------------------------------------------------------- phases
 
-    def _wait_for_rewards(self) -> bool:
-        """The driver deploys the rewards while Train starts this group: rank 0 waits until it reports them
-        up (True), or stops the run first because they failed (False: no step, no traceback). Every rank
-        gets rank 0's answer."""
-        ready = True
+    def _wait_for_start(self) -> bool:
+        """The driver deploys the rewards and starts the rollout workers while Train starts this group: rank 0
+        waits until it reports both up (True), or stops the run first because one failed (False: no step, no
+        traceback). Every rank gets rank 0's answer."""
+        started = True
         if self.rank == 0:
-            ready, stop = ray.get(self.log.start_state.remote())
-            while not (ready or stop):
+            started, stop = ray.get(self.log.start_state.remote())
+            while not (started or stop):
                 time.sleep(0.2)
-                ready, stop = ray.get(self.log.start_state.remote())
-        return _collective(float(ready), "min") > 0
+                started, stop = ray.get(self.log.start_state.remote())
+        return _collective(float(started), "min") > 0
 
     def _restore(self, resume_from: str | None) -> int:
         """Load the checkpoint to start from; returns the attempt (0, or the number of Train restarts).
