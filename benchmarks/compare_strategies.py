@@ -504,8 +504,8 @@ def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path)
         log_ci = 0.0 if math.isnan(log_ci) else log_ci
         growth = math.exp(log_mean)
         xerr = [[growth - math.exp(log_mean - log_ci)], [math.exp(log_mean + log_ci) - growth]]
-        ax.errorbar([growth], [change], xerr=xerr, yerr=[0 if math.isnan(change_ci) else change_ci], capsize=3, marker="o",
-                    color=variant_colour(plt, k))
+        yerr = [0 if math.isnan(change_ci) else change_ci]
+        ax.errorbar([growth], [change], xerr=xerr, yerr=yerr, capsize=3, marker="o", color=variant_colour(plt, k))
         ax.annotate(name, (growth, change), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"background noise after training, x the base's {base_noise:.4f} (geometric mean over seeds)")

@@ -68,7 +68,8 @@ def main() -> None:
         for i in range(args.pairs):
             for name, tree in (("baseline", str(base)), ("candidate", str(ROOT))):
                 runs[name].append(measure(tree))
-                print(f"pair {i + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[name][-1].items()), flush=True)
+                figures = ", ".join(f"{k} {v:.1f}" for k, v in runs[name][-1].items())
+                print(f"pair {i + 1} {name}: {figures}", flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
     for key in ("wall_s", "startup_s"):

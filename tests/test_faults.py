@@ -1,8 +1,9 @@
 """Faults and stops of the Ray service on the tiny model, on a real local Ray cluster (2 cores):
 a SIGKILLed rollout worker is restarted, a SIGKILLed reward replica replaced, and a SIGKILLed learner worker
 makes Ray Train restart the group from the latest checkpoint, and the run finishes with every step; a reward
-that cannot start, or rollout workers that do not start in time, end the run in one line; Ctrl-C (SIGINT) on the CLI checkpoints the current step and exits 130,
-and --resume then finishes with exactly one metrics line per step."""
+that cannot start, or rollout workers that do not start in time, end the run in one line; Ctrl-C (SIGINT) on
+the CLI checkpoints the current step and exits 130, and --resume then finishes with exactly one metrics line
+per step."""
 import json
 import os
 import signal
