@@ -223,10 +223,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as err:
         print(f"compare_strategies: --variant: {err}".splitlines()[0], file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     variants = {k: v for k, v in STRATEGIES.items() if not args.only or k in args.only}
     extras = {**extra_variants(args.suffix, args.band), **custom} if "egrpo" in variants else {}
+    unknown = [name for name, _ in args.also_lr if name not in {**STRATEGIES, **extras}]
+    if unknown:
+        print(f"compare_strategies: --also-lr: unknown variant {unknown[0]!r}; expected a strategy or one of this "
+              f"run's extras: {', '.join([*STRATEGIES, *extras])}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
                   settings=args.settings)
     lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers))
@@ -277,8 +282,9 @@ def final_jobs(variants: dict[str, list[str]], extras: dict[str, list[str]], lrs
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     final = [Job("final", name, ov, s, lrs[name], **common) for name, ov in variants.items() if name in lrs for s in seeds]
     final += [Job("extra", name, ov, s, lrs[name], **common) for name, ov in extras.items() if name in lrs for s in seeds]
-    for name, lr in args.also_lr:  # a strategy again at another lr: how much the one-seed sweep's pick matters
-        final += [Job("extra", f"{name}@{lr:g}", STRATEGIES[name], s, lr, **common) for s in seeds]
+    for name, lr in args.also_lr:  # a variant again at another lr: how much the one-seed sweep's pick matters
+        overrides = {**STRATEGIES, **extras}[name]
+        final += [Job("extra", f"{name}@{lr:g}", overrides, s, lr, **common) for s in seeds]
     return final
 
 
@@ -412,6 +418,7 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
         rs = list(seeds.values())
         lines.append(f"| {name} | " + " | ".join(f"{sum(r['quality_after'][k] for r in rs) / len(rs):.4f}" for k in qkeys) + " |")
     lines += noise_table(by, baseline, base_noise)
+    lines += budget_table(by, base_noise)
     if sweep:
         lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
         lrs = sorted({r["lr"] for r in sweep})
@@ -453,6 +460,39 @@ def noise_table(by: dict[str, dict[int, dict]], baseline: str, base: float) -> l
             *rows]
 
 
+def noisy_curves(rs: list[dict]) -> bool:
+    """Whether every run's curve points carry the background noise (runs before the quality check lack it)."""
+    return all("quality_background_noise" in p for r in rs for p in r["curve"])
+
+
+def budget_path(rs: list[dict], base: float) -> list[tuple[float, float, float]]:
+    """(mean FE, mean held-out change, geometric-mean noise growth) at each curve point: what stopping a variant
+    earlier, after fewer updates, would have given."""
+    path = []
+    for i in range(len(rs[0]["curve"])):
+        points = [r["curve"][i] for r in rs]
+        log_growth_mean = sum(math.log(p["quality_background_noise"] / base) for p in points) / len(points)
+        path.append((sum(p["fe"] for p in points) / len(points),
+                     sum(p["reward"] - r["curve"][0]["reward"] for p, r in zip(points, rs)) / len(rs),
+                     math.exp(log_growth_mean)))
+    return path
+
+
+def budget_table(by: dict[str, dict[int, dict]], base: float) -> list[str]:
+    """Held-out change and noise growth at each curve point (25, 50, ... 100% of the budget), mean over seeds."""
+    paths = {name: budget_path(list(seeds.values()), base) for name, seeds in by.items()
+             if noisy_curves(list(seeds.values()))}
+    if not paths:
+        return []
+    points = len(next(iter(paths.values()))) - 1  # the first is the base
+    head = " | ".join(f"{100 * k // points}% of the budget" for k in range(1, points + 1))
+    return ["", "Along the budget: held-out change / background-noise growth (× the base's; geometric mean) at each "
+            "curve point, mean over seeds. A variant stopped earlier, after fewer updates, ends where its row stands "
+            "then:", "", f"| strategy | {head} |", "| --- |" + " --- |" * points,
+            *[f"| {name} | " + " | ".join(f"{change:+.3f} / {growth:.1f} ×" for _, change, growth in path[1:]) + " |"
+              for name, path in paths.items()]]
+
+
 def signal_table(by: dict[str, dict[int, dict]]) -> list[str]:
     """The share of an update that is signal while training (learner.gradient_noise), pairs pooled over seeds;
     strategies whose runs predate the measure are left out."""
@@ -489,7 +529,8 @@ def variant_colour(plt, k: int):
 
 def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path) -> None:
     """Held-out change against background-noise growth at the end, one point per variant with its 95% CIs:
-    what a variant gains on the reward and what it costs in drift the reward does not see."""
+    what a variant gains on the reward and what it costs in drift the reward does not see. A dotted path
+    through the curve points (from the base at 1 ×) shows where the variant stood on the way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,6 +547,9 @@ def plot_tradeoff(by: dict[str, dict[int, dict]], base_noise: float, path: Path)
         xerr = [[growth - math.exp(log_mean - log_ci)], [math.exp(log_mean + log_ci) - growth]]
         yerr = [0 if math.isnan(change_ci) else change_ci]
         ax.errorbar([growth], [change], xerr=xerr, yerr=yerr, capsize=3, marker="o", color=variant_colour(plt, k))
+        if noisy_curves(rs):  # the way there: where the variant stood at each curve point
+            _, changes, growths = zip(*budget_path(rs, base_noise))
+            ax.plot(growths, changes, ":", marker=".", alpha=0.6, color=variant_colour(plt, k))
         ax.annotate(name, (growth, change), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"background noise after training, x the base's {base_noise:.4f} (geometric mean over seeds)")
@@ -553,9 +597,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def strategy_lr(text: str) -> tuple[str, float]:
+    """NAME=LR; the name is checked in ``cmd_run``, where the run's extras (bands, suffixes, variants) are known."""
     name, _, lr = text.partition("=")
-    if name not in STRATEGIES:
-        raise argparse.ArgumentTypeError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
     try:
         return name, float(lr)
     except ValueError:
@@ -615,7 +658,8 @@ def main() -> int:
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",
-                   help="extra final runs of a strategy at another lr, e.g. egrpo=1e-5 (reported as egrpo@1e-05)")
+                   help="extra final runs of a strategy or extra at another lr, e.g. egrpo=1e-5 (reported as "
+                   "egrpo@1e-05) or egrpo-band0.375-0.75=5e-6")
     r.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="tables, paired differences and curves from a run's results")
     rep.add_argument("--out", required=True)

@@ -111,15 +111,28 @@ def test_forward_equivalents():
     assert cs.forward_equivalents({"learner_rows": 10, "recompute_rows": 7}, 100) == 137
 
 
-@pytest.mark.parametrize("text,match", [("foo=1e-5", "unknown strategy"), ("egrpo=x", "STRATEGY=LR"), ("egrpo", "STRATEGY=LR")])
-def test_also_lr_errors(text, match):
-    with pytest.raises(argparse.ArgumentTypeError, match=match):
+@pytest.mark.parametrize("text", ["egrpo=x", "egrpo"])
+def test_also_lr_errors(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="STRATEGY=LR"):
         cs.strategy_lr(text)
-    assert cs.strategy_lr("egrpo=1e-5") == ("egrpo", 1e-5)
+    assert cs.strategy_lr("egrpo-band0.375-0.75=5e-6") == ("egrpo-band0.375-0.75", 5e-6)
+
+
+@pytest.mark.parametrize("also_lr,band,only", [("foo", [], None),
+                                               ("egrpo-band0.375-0.75", [], None),  # no such band in the run
+                                               ("egrpo-band0.375-0.75", ["0.375:0.75"], ["g2rpo"])])  # needs egrpo
+def test_also_lr_of_an_unknown_variant_is_one_line_and_runs_nothing(tmp_path, capsys, also_lr, band, only):
+    args = argparse.Namespace(settings=[], variants=[], suffix=[], band=[cs.band_setting(b) for b in band], only=only,
+                              also_lr=[(also_lr, 5e-6)], out=str(tmp_path / "out"))
+    assert cs.cmd_run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"compare_strategies: --also-lr: unknown variant {also_lr!r}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_extras_are_swept_and_run_at_their_own_lr():
-    args = argparse.Namespace(lrs=[1e-5, 1e-4], sweep_seeds=1, seeds=2, first_seed=0, also_lr=[("egrpo", 3e-5)])
+    args = argparse.Namespace(lrs=[1e-5, 1e-4], sweep_seeds=1, seeds=2, first_seed=0,
+                              also_lr=[("egrpo", 3e-5), ("egrpo-band0.375-0.75", 5e-6)])
     common = dict(budget=100.0, draws=1, optimizer_steps=4)
     variants = {"egrpo": cs.STRATEGIES["egrpo"]}
     extras = cs.extra_variants([cs.suffix_setting("dpm2m:4")], [cs.band_setting("0.375:0.75")])
@@ -134,7 +147,10 @@ def test_extras_are_swept_and_run_at_their_own_lr():
     assert final == {(phase, v, lr, s) for phase, v, lr in [("final", "egrpo", 1e-4), ("extra", "egrpo-all-steps", 1e-5),
                                                            ("extra", "egrpo-suffix-dpm2m4", 1e-5),
                                                            ("extra", "egrpo-band0.375-0.75", 3e-4),
-                                                           ("extra", "egrpo@3e-05", 3e-5)] for s in (0, 1)}
+                                                           ("extra", "egrpo@3e-05", 3e-5),
+                                                           ("extra", "egrpo-band0.375-0.75@5e-06", 5e-6)] for s in (0, 1)}
+    band_at_5e6 = [j for j in cs.final_jobs(variants, extras, lrs, args, common) if j.variant.endswith("@5e-06")]
+    assert band_at_5e6[0].overrides == extras["egrpo-band0.375-0.75"]  # the band's settings, at the other lr
     args.first_seed = 10  # fresh seeds: the same jobs on seeds 10 and 11
     assert {j.seed for j in cs.final_jobs(variants, extras, lrs, args, common)} == {10, 11}
 
@@ -227,3 +243,19 @@ def test_report_pools_each_strategys_gradient_signal_over_seeds(tmp_path):
     assert pooled["pairs"] == 6 and "4 prompts an update" in table
     assert f"| egrpo | 6 | {pooled['share']:.1%} ({pooled['share_low']:.1%} to {pooled['share_high']:.1%}) |" in table
     assert "older" not in table
+
+
+def test_budget_table_gives_change_and_geometric_noise_growth_at_each_curve_point():
+    def run(seed, growths, changes):  # a 3-point curve: the base, half the budget, the end
+        curve = [{"fe": fe, "reward": 0.5 + c, "quality_background_noise": 0.002 * g}
+                 for fe, c, g in zip((0.0, 50.0, 100.0), (0.0, *changes), (1.0, *growths))]
+        return {"curve": curve}
+
+    by = {"band": {0: run(0, (2, 8), (0.1, 0.2)), 1: run(1, (8, 32), (0.3, 0.2))},  # geometric means 4 x, 16 x
+          "old": {0: {"curve": [{"fe": 0.0, "reward": 0.5}, {"fe": 100.0, "reward": 0.6}]}}}  # no noise: left out
+    path = cs.budget_path(list(by["band"].values()), 0.002)
+    assert [pytest.approx(point) for point in path] == [(0, 0, 1), (50, 0.2, 4), (100, 0.2, 16)]
+    table = cs.budget_table(by, 0.002)
+    assert "| strategy | 50% of the budget | 100% of the budget |" in table
+    assert "| band | +0.200 / 4.0 × | +0.200 / 16.0 × |" in table and not any(r.startswith("| old") for r in table)
+    assert cs.budget_table({"old": by["old"]}, 0.002) == []
