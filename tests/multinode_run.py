@@ -14,9 +14,11 @@ learner's rank 0 and the rollout workers form a gloo weight-sync group across th
 
 Checks: each role's actors (Ray's state API) ran on the node that carries its label; the checkpoint is in
 the shared output directory with both learner ranks' shards; rollout workers loaded weights broadcast
-from the other node; ``train(resume=True)`` continued the step counter (metrics.jsonl steps 1..N once
-each); and a config whose pinned learner ranks overflow their 1-CPU node (though the cluster has the CPUs in
-all) is refused up front instead of hanging. Prints one JSON line (the findings) on stdout and exits 0 only when every check passes.
+from the other node; ``train(resume=True)`` on 1 DDP learner rank (the 2-rank FSDP checkpoint resharded on
+load) started the rollout workers from the checkpoint's weights, continued the step counter (metrics.jsonl
+steps 1..N once each) and kept the base model's held-out score; and a config whose pinned learner ranks
+overflow their 1-CPU node (though the cluster has the CPUs in all) is refused up front instead of hanging.
+Prints one JSON line (the findings) on stdout and exits 0 only when every check passes.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from egrpo_ray.distributed.cluster import free_port  # noqa: E402 (after the path)
 
 FIRST_ITERATIONS, RESUME_ITERATIONS, CHECKPOINT_EVERY = 2, 3, 2
+# the resume changes the learner: the 2-rank FSDP checkpoint is resharded onto 1 DDP rank
+RESUME_LEARNER = ["learner.workers=1", "learner.parallelism=ddp"]
 LABELS = ("learner_node", "rollout_node", "reward_node")
 # Actor class names: Serve's replica is "ServeReplica:<run-scoped app name>:reward_alignment"
 ROLES = {"rollout": "RolloutWorker", "learner": "RayTrainWorker", "reward": ":reward_alignment"}
@@ -153,6 +157,8 @@ def run_once(cfg_overrides: list[str], out: Path, resume: bool, labels: dict[str
         "resumed_from": Path(summary["resumed_from"]).name if summary["resumed_from"] else None,
         "placement": where,
         "versions_loaded": [w["versions_loaded"] for w in summary["rollout_workers"]],
+        "heldout_before": summary["heldout_reward_before"],
+        "failures": summary["failures"],
         **checkpoint_facts(out),
     }
     return facts, ids
@@ -179,7 +185,7 @@ def evaluate(first: dict, second: dict, records: list[dict], refusal: str | None
     for tag, run in (("first", first), ("resume", second)):
         for role, label in EXPECTED_NODE.items():
             where = run["placement"][role]
-            expected_count = {"rollout": 2, "learner": 2, "reward": 1}[role]
+            expected_count = {"rollout": 2, "learner": 2 if tag == "first" else 1, "reward": 1}[role]
             checks[f"{tag}_{role}_on_{label}"] = set(where) == {label} and where[label] >= expected_count
         # the weight-sync group spans the learner and rollout nodes: newer weights reached the rollout node
         # (which versions each worker applied depends on timing: a worker mid-batch skips a version)
@@ -194,7 +200,11 @@ def evaluate(first: dict, second: dict, records: list[dict], refusal: str | None
         and first["meta_world_size"] == 2 and first["meta_parallelism"] == "fsdp")
     checks["first_checkpoint_has_both_ranks_shards"] = len(first["shard_files"]) == 2
     checks["resumed_from_first_checkpoint"] = second["resumed_from"] == f"step_{FIRST_ITERATIONS:06d}"
-    checks["resume_checkpoint_written"] = second["latest"] == f"step_{RESUME_ITERATIONS:06d}" and second["dcp_metadata"]
+    checks["resume_kept_the_base_models_heldout_score"] = second["heldout_before"] == first["heldout_before"]
+    checks["no_failures"] = not any(first["failures"].values()) and not any(second["failures"].values())
+    checks["resume_checkpoint_written"] = (
+        second["latest"] == f"step_{RESUME_ITERATIONS:06d}" and second["dcp_metadata"]
+        and second["meta_world_size"] == 1 and second["meta_parallelism"] == "ddp")
     # max_staleness 0: step k learned from groups sampled with version k-1, for k >= 2 broadcast weights
     checks["every_step_on_policy"] = all(r["staleness_max"] == 0 for r in records)
     checks["first_run_steps"] = first["steps_completed"] == FIRST_ITERATIONS
@@ -227,7 +237,7 @@ def main() -> int:
 
         first, seen = run_once([f"learner.iterations={FIRST_ITERATIONS}"], out, False, labels, set())
         log(f"first run: {first}")
-        second, _ = run_once([f"learner.iterations={RESUME_ITERATIONS}"], out, True, labels, seen)
+        second, _ = run_once([f"learner.iterations={RESUME_ITERATIONS}", *RESUME_LEARNER], out, True, labels, seen)
         log(f"resumed run: {second}")
         records = records_of(out)
         result.update(first=first, resume=second, metrics_steps=[r["step"] for r in records],

@@ -2,7 +2,7 @@
 with custom resources. Each role goes where the config asks: rollout workers on {"rollout_node"}, the
 reward replica on {"reward_node"}, both FSDP learner ranks on {"learner_node"} (the head), and the learner's
 rank 0 broadcasts weights to the rollout workers across the nodes. Checkpoints land in the shared output
-directory, and a resume continues the step counter.
+directory, and a resume on 1 DDP rank (the sharded checkpoint resharded on load) continues the step counter.
 
 The run is tests/multinode_run.py in a subprocess: a multi-node Cluster cannot share this process with the
 session's local cluster (tests/conftest.py). It prints one JSON line with what it found.
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "multinode_run.py"
 TIMEOUT_S = 360  # about 90 s on 2 cores; the margin is for a loaded box
 PLACED = {"rollout": {"rollout_node": 2}, "learner": {"learner_node": 2}, "reward": {"reward_node": 1}}
+RESUME_PLACED = {**PLACED, "learner": {"learner_node": 1}}  # the resume runs 1 DDP rank
 
 
 def _tail(text: str, n: int = 4000) -> str:
@@ -66,7 +67,7 @@ def test_each_role_ran_on_the_node_its_config_asks_for(multinode):
     assert set(result["nodes"]) == {"learner_node", "rollout_node", "reward_node"}
     assert len(set(result["nodes"].values())) == 3  # three distinct Ray nodes
     assert result["first"]["placement"] == PLACED
-    assert result["resume"]["placement"] == PLACED  # the resumed run's own (new) actors
+    assert result["resume"]["placement"] == RESUME_PLACED  # the resumed run's own (new) actors
 
 
 def test_weights_cross_from_the_learner_node_to_the_rollout_node(multinode):
@@ -84,13 +85,13 @@ def test_weights_cross_from_the_learner_node_to_the_rollout_node(multinode):
 def test_checkpoints_are_in_the_shared_output_directory(multinode):
     _, result, out, _ = multinode
     assert result["first"]["latest"] == "step_000002"
-    for name in ("step_000002", "step_000003"):
+    # the first run's 2 FSDP ranks wrote their shards to the one directory; the resume's 1 DDP rank its own
+    for name, shards, world, parallelism in (("step_000002", 2, 2, "fsdp"), ("step_000003", 1, 1, "ddp")):
         ckpt = out / "checkpoints" / name
         assert (ckpt / "state" / ".metadata").is_file()
-        # both learner ranks wrote their shards to the one directory
-        assert sorted(p.name for p in (ckpt / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert sorted(p.name for p in (ckpt / "state").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(shards)]
         meta = json.loads((ckpt / "meta.json").read_text())
-        assert meta["world_size"] == 2 and meta["parallelism"] == "fsdp" and meta["step"] == int(name[-6:])
+        assert meta["world_size"] == world and meta["parallelism"] == parallelism and meta["step"] == int(name[-6:])
         assert any((ckpt / "transformer").glob("*.safetensors"))
 
 
