@@ -198,15 +198,30 @@ def run_all(jobs: list[Job], out: Path, workers: int) -> list[dict]:
     return [json.loads((out / "runs" / f"{j.key}.json").read_text()) for j in jobs if (out / "runs" / f"{j.key}.json").exists()]
 
 
-def best_lrs(sweep: list[dict]) -> dict[str, float]:
-    by: dict[tuple[str, float], list[float]] = {}
+def sweep_growth(runs: list[dict]) -> float | None:
+    """Background noise after the runs, × the base's (geometric mean); None where a run predates the measure."""
+    if not all("quality_after" in r for r in runs):
+        return None
+    logs = [math.log(r["quality_after"]["quality_background_noise"] / r["quality_base"]["quality_background_noise"])
+            for r in runs]
+    return math.exp(sum(logs) / len(logs))
+
+
+def best_lrs(sweep: list[dict], max_growth: float | None = None) -> dict[str, float]:
+    """Per variant, the lr with the best mean validation change. A sweep on reward alone cannot see drift, so with
+    ``max_growth`` only lrs whose sweep runs' background noise grew at most that many times the base's compete;
+    where none does, the least drifting lr is taken (runs without the measure always compete)."""
+    by: dict[tuple[str, float], list[dict]] = {}
     for r in sweep:
-        by.setdefault((r["variant"], r["lr"]), []).append(r["change"])
-    best: dict[str, tuple[float, float]] = {}
-    for (variant, lr), changes in by.items():
-        score = sum(changes) / len(changes)
-        if variant not in best or score > best[variant][1]:
-            best[variant] = (lr, score)
+        by.setdefault((r["variant"], r["lr"]), []).append(r)
+    best: dict[str, tuple[float, tuple]] = {}
+    for (variant, lr), runs in by.items():
+        score = sum(r["change"] for r in runs) / len(runs)
+        growth = sweep_growth(runs)
+        within = max_growth is None or growth is None or growth <= max_growth
+        rank = (within, score if within else -growth)
+        if variant not in best or rank > best[variant][1]:
+            best[variant] = (lr, rank)
     return {v: lr for v, (lr, _) in best.items()}
 
 
@@ -234,8 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
                   settings=args.settings)
-    lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers))
-    every_pick = best_lrs([r for r in load_runs(out) if r["phase"] == "sweep"])  # earlier --only runs too
+    lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers), args.max_growth)
+    every_pick = best_lrs([r for r in load_runs(out) if r["phase"] == "sweep"], args.max_growth)  # earlier runs too
     (out / "chosen_lrs.json").write_text(json.dumps(every_pick, indent=2))
     print("chosen learning rates (validation prompts):", json.dumps(lrs), flush=True)
     run_all(final_jobs(variants, extras, lrs, args, common), out, args.workers)
@@ -369,11 +384,12 @@ def baseline_label(baseline: str) -> str:
     return "E-GRPO" if baseline == "egrpo" else baseline
 
 
-def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
-    """The tables (paired differences against ``baseline``, E-GRPO unless asked), report.md and the curves."""
+def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth: float | None = None) -> str:
+    """The tables (paired differences against ``baseline``, E-GRPO unless asked), report.md and the curves;
+    ``max_growth``: the lr picks' cap on drift, as in ``best_lrs``."""
     every = load_runs(out)
     sweep = [r for r in every if r["phase"] == "sweep"]
-    chosen = best_lrs(sweep)  # a grid widened later may move a pick: report the final runs at the current one
+    chosen = best_lrs(sweep, max_growth)  # a grid widened later may move a pick: report the final runs at the current one
 
     def current(r: dict) -> bool:  # each run at its variant's pick; "name@lr" (--also-lr) at its own lr
         swept = r["variant"] in chosen or r["phase"] != "extra"  # extras of older runs were not swept: E-GRPO's lr
@@ -420,14 +436,19 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo") -> str:
     lines += noise_table(by, baseline, base_noise)
     lines += budget_table(by, base_noise)
     if sweep:
-        lines += ["", "Learning-rate sweep (mean validation change per lr; the chosen lr in bold):", ""]
+        cap = (f"; picks only among lrs whose noise grew at most {max_growth:g} ×, else the least drifting"
+               if max_growth else "; picked on reward alone")
+        lines += ["", f"Learning-rate sweep (mean validation change per lr, and the background noise after, × the "
+                  f"base's; the chosen lr in bold{cap}):", ""]
         lrs = sorted({r["lr"] for r in sweep})
         lines += ["| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
         for name in sorted({r["variant"] for r in sweep}, key=table_order):
             cells = []
             for lr in lrs:
-                vals = [r["change"] for r in sweep if r["variant"] == name and r["lr"] == lr]
-                cell = f"{sum(vals) / len(vals):+.3f}" if vals else "-"
+                runs = [r for r in sweep if r["variant"] == name and r["lr"] == lr]
+                growth = sweep_growth(runs) if runs else None
+                cell = f"{sum(r['change'] for r in runs) / len(runs):+.3f}" if runs else "-"
+                cell += f" ({growth:.1f} ×)" if growth is not None else ""
                 cells.append(f"**{cell}**" if lr == chosen.get(name) else cell)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
@@ -589,11 +610,25 @@ def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
-        print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None, args.baseline))
+        print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None, args.baseline, args.max_growth))
     except MissingBaseline as err:
         print(f"compare_strategies: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+MAX_GROWTH_HELP = ("pick each lr only among those whose sweep runs' background noise grew at most this many times "
+                   "the base's (else the least drifting): a sweep on reward alone picks the lr that drifts")
+
+
+def growth_cap(text: str) -> float:
+    try:
+        cap = float(text)
+    except ValueError:
+        cap = 0.0
+    if not cap > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number, e.g. 4 (× the base's noise)")
+    return cap
 
 
 def strategy_lr(text: str) -> tuple[str, float]:
@@ -657,6 +692,7 @@ def main() -> int:
                    "band-kl algorithm.strategy=egrpo sampling.merge.active_start=0.375 algorithm.kl_beta=0.04")
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
+    r.add_argument("--max-noise-growth", dest="max_growth", type=growth_cap, help=MAX_GROWTH_HELP)
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",
                    help="extra final runs of a strategy or extra at another lr, e.g. egrpo=1e-5 (reported as "
                    "egrpo@1e-05) or egrpo-band0.375-0.75=5e-6")
@@ -665,6 +701,7 @@ def main() -> int:
     rep.add_argument("--out", required=True)
     rep.add_argument("--docs-dir", help="where the curve PNG goes")
     rep.add_argument("--baseline", default="egrpo", help="the variant every paired difference is taken against")
+    rep.add_argument("--max-noise-growth", dest="max_growth", type=growth_cap, help=MAX_GROWTH_HELP)
     rep.set_defaults(func=cmd_report)
     args = p.parse_args()
     return args.func(args)

@@ -85,6 +85,8 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
     against_better = _first_table(cs.report(tmp_path, None, baseline="better"))
     assert "vs better, paired" in against_better["strategy"] and "| -0.052 ±" in against_better["egrpo"]
     assert "Background noise after training" in cs.report(tmp_path, None)
+    sweep_row = [l for l in cs.report(tmp_path, None).split("Learning-rate sweep")[1].splitlines() if "| egrpo" in l]
+    assert sweep_row == ["| egrpo | **+0.200 (1.0 ×)** | +0.100 (1.0 ×) |"]  # the pick in bold, with its drift
     with pytest.raises(cs.MissingBaseline, match="no such variant"):
         cs.report(tmp_path, None, baseline="nothing")
     cs.report(tmp_path, tmp_path / "docs")  # the curves, and the reward against the drift
@@ -105,6 +107,22 @@ def test_noise_table_takes_geometric_means_and_paired_ratios():
 def test_best_lr_is_the_best_mean_change():
     sweep = [_run("a", 0, 0.1, "sweep", 1e-5), _run("a", 1, -0.1, "sweep", 1e-5), _run("a", 0, 0.05, "sweep", 3e-5)]
     assert cs.best_lrs(sweep) == {"a": 3e-5}
+
+
+def test_a_noise_cap_picks_the_best_lr_among_those_that_do_not_drift():
+    def swept(lr, change, growth):
+        r = _run("a", 0, change, "sweep", lr)
+        return {**r, "quality_after": {"quality_background_noise": 0.01 * growth}}  # _run's base noise: 0.01
+
+    sweep = [swept(1e-5, 0.10, 10.0), swept(5e-6, 0.08, 3.0), swept(2.5e-6, 0.05, 1.0)]
+    assert cs.best_lrs(sweep) == {"a": 1e-5}  # on reward alone: the lr that drifts 10 x
+    assert cs.best_lrs(sweep, max_growth=4) == {"a": 5e-6}
+    assert cs.best_lrs(sweep, max_growth=0.5) == {"a": 2.5e-6}  # none within the cap: the least drifting
+    old = {k: v for k, v in _run("a", 0, 0.2, "sweep", 4e-5).items() if k != "quality_after"}
+    assert cs.best_lrs(sweep + [old], max_growth=4) == {"a": 4e-5}  # no measure: it competes on reward
+    assert cs.sweep_growth([swept(1e-5, 0, 2.0), swept(1e-5, 0, 8.0)]) == pytest.approx(4.0)  # geometric mean
+    with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
+        cs.growth_cap("0")
 
 
 def test_forward_equivalents():
