@@ -202,8 +202,7 @@ def sweep_growth(runs: list[dict]) -> float | None:
     """Background noise after the runs, × the base's (geometric mean); None where a run predates the measure."""
     if not all("quality_after" in r for r in runs):
         return None
-    logs = [math.log(r["quality_after"]["quality_background_noise"] / r["quality_base"]["quality_background_noise"])
-            for r in runs]
+    logs = [log_growth(r, r["quality_base"]["quality_background_noise"]) for r in runs]
     return math.exp(sum(logs) / len(logs))
 
 
