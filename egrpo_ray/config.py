@@ -158,6 +158,9 @@ class RewardConfig(Strict):
     num_cpus: Float = Field(0.25, ge=0)
     num_gpus: Float = Field(0.0, ge=0)
     resources: Resources = {}  # custom Ray resources per replica (placement on labelled nodes)
+    # Failed replica starts (a model that does not load) before the run ends in one line. Serve allows 3 per
+    # replica and never more; each try loads the model again, and a broken weight file fails every time.
+    start_attempts: Optional[Int] = Field(None, ge=1, le=100)
     # The alignment reward's combination of its terms: "product" (strict, every attribute at once) or
     # "mean" (graded partial credit); see rewards/alignment.py. Other rewards have no terms to combine.
     combine: Optional[Literal["product", "mean"]] = None

@@ -75,6 +75,13 @@ def run_dir(t: Path, step: int = 3, meta: dict | str | bytes | None = None, stat
     return ckpt
 
 
+def trained_with(*sets: str) -> dict:
+    """A checkpoint's meta.json whose run had these settings (over the default config)."""
+    from egrpo_ray.config import load_config
+
+    return {"step": 3, "policy_version": 3, "config": load_config(None, list(sets)).model_dump(mode="json")}
+
+
 def file_prompts(t: Path, train: str | bytes | None = "a red circle\n", test: str | bytes | None = None,
                  train_name: str = "train.txt", test_name: str = "test.txt") -> list[str]:
     sets = ["prompts.source=file", f"prompts.train_path={t / train_name}"]
@@ -212,6 +219,7 @@ CASES = [
     ("resume-meta-bad-cursor", lambda t: (run_dir(t, meta={"step": 3, "policy_version": 3, "prompt_batches_by_worker": [1]}), train(t, resume=True))[1], "'prompt_batches_by_worker' must map"),
     ("resume-no-state", lambda t: (run_dir(t, state=False), train(t, resume=True))[1], "state: missing"),
     ("resume-empty-metadata", lambda t: (write(run_dir(t) / "state" / ".metadata", b""), train(t, resume=True))[1], ".metadata: missing or empty"),
+    ("resume-changed-algorithm", lambda t: (run_dir(t, meta=trained_with("algorithm.clip_range=0.5")), train(t, resume=True))[1], "the config changes what the checkpoint was trained with: algorithm.clip_range (0.5 -> "),
     ("resume-past-iterations", lambda t: (run_dir(t, step=50), train(t, resume=True))[1], "not below learner.iterations = 40"),
     ("fresh-run-over-checkpoints", lambda t: (run_dir(t), train(t))[1], "already holds checkpoints"),
     ("output-dir-under-file", lambda t: train(t, out=write(t / "f", "x") / "run"), "cannot be created: " ),

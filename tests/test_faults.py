@@ -144,13 +144,15 @@ def _failed_start(tmp_path: Path, config: Path, sets: list[str]) -> str:
 
 def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_path):
     """A reward whose model does not load in its replica (a CLIP directory with a config.json and no weights)
-    passes the up-front checks; Serve gives its application up after retries while Train starts the learner.
-    The run ends with one line naming the reward; the learner, told to stop, ends without a traceback."""
+    passes the up-front checks; Serve gives its application up after start_attempts (1: Serve's own rule would
+    load it 3 times) while Train starts the learner. The run ends with one line naming the reward and the
+    replica's error; the learner, told to stop, ends without a traceback."""
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text("{}")
-    (tmp_path / "run.yaml").write_text(f"rewards:\n  - {{name: clip, path: {tmp_path / 'clip'}}}\n")
+    (tmp_path / "run.yaml").write_text(f"rewards:\n  - {{name: clip, path: {tmp_path / 'clip'}, start_attempts: 1}}\n")
     last = _failed_start(tmp_path, tmp_path / "run.yaml", [])
-    assert last.startswith("egrpo-ray: error: reward 'clip': its Serve application did not start (OSError: "), last
+    assert last.startswith("egrpo-ray: error: reward 'clip': its Serve application did not start "
+                           "(1 failed replica start; OSError: "), last
 
 
 def test_rollout_workers_that_do_not_start_in_time_end_the_run_in_one_line(ray_cluster, tmp_path):
@@ -185,10 +187,6 @@ def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_completed"] == STEPS and summary["steps_this_run"] == STEPS - stopped
     assert summary["heldout_reward_before"] == before  # the base model's, not the checkpoint's
-
-    changed = subprocess.run(cmd + ["--resume", "--set", "algorithm.clip_range=0.5", "--set", f"learner.iterations={STEPS + 2}"],
-                             check=False, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert changed.returncode == 2 and "algorithm.clip_range" in changed.stderr, changed.stderr[-2000:]
 
 
 # -- the pieces, without a cluster (milliseconds) ---------------------------------------------------------

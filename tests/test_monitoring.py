@@ -1,5 +1,6 @@
 """Monitoring: the run's metrics go through Ray's metrics agent; a real Prometheus finds a live run's embedded
-cluster through the targets file the driver writes, and every Grafana panel's query answers.
+cluster through the targets file the driver writes, and every Grafana panel's query answers. The run then ends
+(SIGTERM, as `ray job stop` sends, or on its own) and leaves no process of its cluster and no temp dir behind.
 
 The live run sets RAY_metrics_report_interval_ms=1000 (Ray's default is 10 s) so that the run's figures reach
 Prometheus within its few seconds of training."""
@@ -18,6 +19,7 @@ import pytest
 from egrpo_ray.config import ConfigError, load_config
 from egrpo_ray.distributed.cluster import free_port
 from egrpo_ray.monitoring import METRICS
+from run_processes import RunProcesses
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "egrpo-dashboard.json"
@@ -113,10 +115,12 @@ def test_prometheus_scrapes_a_live_run_and_every_panel_query_answers(tmp_path):
     queries = list(dict.fromkeys(q.replace("$run", RUN) for q in _queries(_dashboard())
                                  if not any(g in q for g in SKIPPED_METRICS)))
     answered: set[str] = set()
+    processes = RunProcesses()
     try:
         saw_targets = False
         while run.poll() is None and len(answered) < len(queries):
             time.sleep(2.0)
+            processes.look(run.pid)
             saw_targets = saw_targets or (targets / f"{RUN}.json").exists()
             # Ray's node gauges come every 5 s and age out after 2 report intervals: count each query once answered
             answered |= _answered(prom_port, [q for q in queries if q not in answered])
@@ -131,6 +135,9 @@ def test_prometheus_scrapes_a_live_run_and_every_panel_query_answers(tmp_path):
         assert f"{RUN}.json" in log and "prometheus_targets.json" in log  # the driver says where the targets are
         assert "core_worker.cc" not in log, log[-3000:]  # Ray's actor-restart caveat (#53727) stays off the console
         assert not (targets / f"{RUN}.json").exists() and not (out / "prometheus_targets.json").exists()
+        assert processes.temp_dir, "no embedded cluster found"
+        left = processes.left_after(5)
+        assert not left, f"5 s after the run ended these processes of its cluster (or its temp dir) remain: {left}"
     finally:
         if run.poll() is None:
             run.kill()

@@ -1,11 +1,11 @@
-"""The embedded cluster is private: a real `egrpo-ray train` run (tiny config, 2 steps, its own embedded Ray
-cluster, in a subprocess) listens on loopback only, keeps Ray's token auth on with a 0600 token in its own temp
-dir, removes that temp dir at the end, and a SIGKILLed driver leaves no process of its cluster behind.
+"""The embedded cluster is private: a real `egrpo-ray train` run (tiny config, its own embedded Ray cluster, in
+a subprocess) listens on loopback only and keeps Ray's token auth on with a 0600 token in its own temp dir; its
+driver, SIGKILLed after the first step, leaves no process of its cluster and no temp dir behind. A run that
+ends on its own or on SIGTERM is checked the same way in tests/test_monitoring.py.
 
 docs/network.md lists what listens where; ALLOWED_NON_LOOPBACK mirrors its allow-list of listeners that may bind
 beyond loopback (none for the embedded default)."""
 import ipaddress
-import json
 import os
 import signal
 import stat
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from egrpo_ray.distributed.cluster import watchdog_temp_dir
+from run_processes import RunProcesses
 
 ROOT = Path(__file__).resolve().parents[1]
 # Mirrors the table "Listening beyond loopback" in docs/network.md: process name prefix -> (most such
@@ -51,38 +51,6 @@ def _start(out: Path, iterations: int) -> subprocess.Popen:
 
 def _log(out: Path) -> str:
     return (out.parent / "driver.log").read_text()[-3000:]
-
-
-def _tree(pid: int | None, temp_dir: str | None) -> list[psutil.Process]:
-    """The driver and its descendants, plus anything naming the run's temp dir (orphans of a dead driver)."""
-    procs = {}
-    try:
-        if pid is not None:
-            root = psutil.Process(pid)
-            procs[pid] = root
-            procs.update({p.pid: p for p in root.children(recursive=True)})
-    except psutil.Error:
-        pass
-    if temp_dir:
-        for p in psutil.process_iter():
-            try:
-                if any(temp_dir in a for a in p.cmdline()):
-                    procs[p.pid] = p
-                    procs.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.Error:
-                pass
-    return list(procs.values())
-
-
-def _temp_dir(procs) -> str | None:
-    for p in procs:
-        try:
-            found = watchdog_temp_dir(p.cmdline())
-        except psutil.Error:
-            continue
-        if found:
-            return found
-    return None
 
 
 def _listening_sockets() -> dict[str, tuple[str, int]]:
@@ -146,82 +114,35 @@ def _exposed(listeners) -> list:
     return bad
 
 
-def _follow(proc: subprocess.Popen, until, timeout: float, state: dict | None = None):
+def _follow(proc: subprocess.Popen, until, timeout: float, state: dict | None = None) -> dict:
     """Poll the run's process tree every 0.5 s until ``until(state)`` or the driver exits; returns the state."""
-    state = state or {"listeners": set(), "pids": {}, "names": {}, "temp_dir": None, "token_mode": None}
+    state = state or {"run": RunProcesses(), "listeners": set(), "token_mode": None}
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        procs = _tree(proc.pid, state["temp_dir"])
-        state["temp_dir"] = state["temp_dir"] or _temp_dir(procs)
-        for p in procs:
-            try:
-                state["names"].setdefault(p.pid, set()).add(p.name())  # workers rename themselves per task
-                state["pids"].setdefault(p.pid, p)
-            except psutil.Error:
-                pass
-        state["listeners"] |= _listeners(procs)
-        if state["temp_dir"] and state["token_mode"] is None:
-            token = Path(state["temp_dir"]) / "auth_token"
-            if token.exists():
-                state["token_mode"] = stat.S_IMODE(token.stat().st_mode)
+        state["listeners"] |= _listeners(state["run"].look(proc.pid))
+        temp_dir = state["run"].temp_dir
+        if temp_dir and state["token_mode"] is None and (Path(temp_dir) / "auth_token").exists():
+            state["token_mode"] = stat.S_IMODE((Path(temp_dir) / "auth_token").stat().st_mode)
         if until(state):
             break
         time.sleep(0.5)
     return state
 
 
-def _cluster_alive(state) -> list[str]:
-    alive = []
-    for pid, p in state["pids"].items():
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{sorted(state['names'][pid])} ({pid})")
-        except psutil.Error:
-            pass
-    return alive + [f"{p.name()} ({p.pid})" for p in _tree(None, state["temp_dir"])]
+def _steps(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
-def test_run_listens_on_loopback_only_and_cleans_up(tmp_path):
+def test_run_listens_on_loopback_only_and_a_sigkilled_driver_leaves_nothing(tmp_path):
     t0 = time.monotonic()
-    proc = _start(tmp_path / "run", iterations=2)
+    out = tmp_path / "run"
+    proc = _start(out, iterations=50)
     try:
-        state = _follow(proc, lambda s: False, timeout=240)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, _log(tmp_path / "run")
-    wall = time.monotonic() - t0
-    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-
-    names = {name for name, *_ in state["listeners"]}
-    assert {"gcs_server", "raylet"} <= names, state["listeners"]  # the poll saw the cluster
-    exposed = _exposed(state["listeners"])
-    assert not exposed, f"listening beyond loopback, not in docs/network.md: {exposed}"
-    for row in sorted(state["listeners"]):
-        print(*row)
-
-    assert state["temp_dir"] and state["temp_dir"].startswith("/tmp/egrpo_ray_"), state["temp_dir"]
-    assert state["token_mode"] == 0o600, oct(state["token_mode"] or 0)  # token auth on, token private
-    assert not os.path.exists(state["temp_dir"]), "the run's temp dir survived the run"
-    assert not _cluster_alive(state), f"processes of the run survived it: {_cluster_alive(state)}"
-    beyond = sorted((n, ip, port) for n, _, ip, port in state["listeners"] if not _loopback(ip))
-    print(f"{len(state['listeners'])} listeners, beyond loopback only the documented {beyond}; run {wall:.0f} s")
-
-
-def test_sigkilled_driver_leaves_no_cluster_process(tmp_path):
-    t0 = time.monotonic()
-    proc = _start(tmp_path / "run", iterations=50)
-    try:
-        # kill once the learner (Ray Train workers) and the rollout actors are up
-        def up(s) -> bool:
-            names = {n for ns in s["names"].values() for n in ns}
-            return any(n.startswith("ray::RayTrainWorker") for n in names) and any("RolloutWorker" in n for n in names)
-
-        state = _follow(proc, up, timeout=180)
-        assert proc.poll() is None, _log(tmp_path / "run")
-        assert state["temp_dir"], "no embedded cluster found"
-        print(f"\nlearner and rollout workers up {time.monotonic() - t0:.0f} s after the start")
+        # every process is up and has served a step (with collective sync, the learner's weight-sync group too)
+        state = _follow(proc, lambda s: _steps(out) >= 1, timeout=240)
+        assert proc.poll() is None and _steps(out) >= 1, _log(out)
+        print(f"\nthe first step done {time.monotonic() - t0:.0f} s after the start")
         time.sleep(2)
         state = _follow(proc, lambda s: True, timeout=5, state=state)  # one more look: the latest workers
         os.kill(proc.pid, signal.SIGKILL)
@@ -231,13 +152,21 @@ def test_sigkilled_driver_leaves_no_cluster_process(tmp_path):
             proc.kill()
             proc.wait()
     killed_at = time.monotonic()
-    alive = _cluster_alive(state)
-    while alive and time.monotonic() - killed_at < 60:
-        time.sleep(1)
-        alive = _cluster_alive(state)
-    assert not alive, f"60 s after SIGKILL of the driver these processes of its cluster still run: {alive}"
-    deadline = time.monotonic() + 10
-    while os.path.exists(state["temp_dir"]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not os.path.exists(state["temp_dir"]), "the killed run's temp dir was not removed"
-    print(f"\ncluster gone {time.monotonic() - killed_at:.1f} s after SIGKILL of the driver")
+    run = state["run"]
+    names = {n for ns in run.names.values() for n in ns}
+    assert any(n.startswith("ray::RayTrainWorker") for n in names) and any("RolloutWorker" in n for n in names), names
+
+    listening = {name for name, *_ in state["listeners"]}
+    assert {"gcs_server", "raylet"} <= listening, state["listeners"]  # the poll saw the cluster
+    exposed = _exposed(state["listeners"])
+    assert not exposed, f"listening beyond loopback, not in docs/network.md: {exposed}"
+    for row in sorted(state["listeners"]):
+        print(*row)
+    assert run.temp_dir and run.temp_dir.startswith("/tmp/egrpo_ray_"), run.temp_dir
+    assert state["token_mode"] == 0o600, oct(state["token_mode"] or 0)  # token auth on, token private
+
+    left = run.left_after(60)
+    assert not left, f"60 s after SIGKILL of the driver these processes of its cluster (or its temp dir) remain: {left}"
+    beyond = sorted((n, ip, port) for n, _, ip, port in state["listeners"] if not _loopback(ip))
+    print(f"{len(state['listeners'])} listeners, beyond loopback only the documented {beyond}; "
+          f"cluster gone {time.monotonic() - killed_at:.1f} s after SIGKILL of the driver")

@@ -177,3 +177,24 @@ def test_http_timeout_and_in_flight_cap(served):
     status, again = _post(url, body.encode())  # the timed-out request released its slot
     assert status == 503 and "timed out" in again["error"]
     assert _post(url, b"not json")[0] == 400  # refusals stay fast and precise
+
+
+def test_a_failed_deployment_names_the_replica_error_and_how_many_starts_failed():
+    """The one-line reason comes from Serve's status: the constructor's last traceback line, and the count of
+    failed starts when Serve's message gives one (its wording in Ray 2.60's deployment_state.py)."""
+    from types import SimpleNamespace
+
+    from ray.serve.schema import DeploymentStatus
+
+    from egrpo_ray.distributed.reward_service import _failure_reason
+
+    def app(message):
+        failed = SimpleNamespace(status=DeploymentStatus.DEPLOY_FAILED, message=message)
+        return SimpleNamespace(deployments={"reward_clip": failed}, message="", status="DEPLOY_FAILED")
+
+    serve_message = ("The deployment failed to start {} times in a row. This may be due to a problem with its "
+                     "constructor or initial health check failing. See controller logs for details. Error:\n"
+                     "Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: no weights in /m\n")
+    assert _failure_reason(app(serve_message.format(1))) == "1 failed replica start; OSError: no weights in /m"
+    assert _failure_reason(app(serve_message.format(3))) == "3 failed replica starts; OSError: no weights in /m"
+    assert _failure_reason(app("OSError: no weights in /m")) == "OSError: no weights in /m"

@@ -46,7 +46,7 @@ from egrpo_ray.prompts import prompt_splits
 GUARDED = ("seed", "model", "sampling", "algorithm", "prompts", "rewards")
 # Reward settings that only place or batch the deployment (free to change on resume).
 REWARD_DEPLOYMENT_KEYS = {"replicas", "num_cpus", "num_gpus", "resources", "batch_size", "batch_wait_s",
-                          "autoscale_max_replicas"}
+                          "autoscale_max_replicas", "start_attempts"}
 FAILURE_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_restarts")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 

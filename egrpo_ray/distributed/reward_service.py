@@ -24,6 +24,7 @@ import binascii
 import io
 import json
 import logging
+import re
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -294,6 +295,8 @@ def deploy_rewards(cfg: ExperimentConfig, wait: bool = True) -> dict[str, object
                    # is most of the time a run's tear-down takes)
                    "graceful_shutdown_wait_loop_s": 0.1,
                    "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
+        if r.start_attempts:
+            options["max_constructor_retry_count"] = r.start_attempts
         if r.autoscale_max_replicas:
             options["autoscaling_config"] = {"min_replicas": r.replicas, "max_replicas": r.autoscale_max_replicas,
                                              "target_ongoing_requests": 4}
@@ -333,10 +336,14 @@ def wait_for_rewards(cfg: ExperimentConfig, poll_s: float = 0.2) -> None:
 
 
 def _failure_reason(app) -> str:
-    """The replica's own error: the last line of a failed deployment's message (its constructor's traceback)."""
+    """The replica's own error (the last line of a failed deployment's message: its constructor's traceback),
+    after how many failed starts when Serve says."""
     messages = [d.message for d in app.deployments.values() if d.status == DeploymentStatus.DEPLOY_FAILED and d.message]
-    lines = [l.strip() for l in (messages or [app.message or app.status])[0].splitlines() if l.strip()]
-    return lines[-1][:300] if lines else str(app.status)
+    message = (messages or [app.message or app.status])[0]
+    lines = [l.strip() for l in str(message).splitlines() if l.strip()]
+    reason = lines[-1][:300] if lines else str(app.status)
+    tries = re.search(r"failed to start (\d+) times", str(message))
+    return f"{tries[1]} failed replica start{'s' * (tries[1] != '1')}; {reason}" if tries else reason
 
 
 def delete_rewards(cfg: ExperimentConfig) -> None:
