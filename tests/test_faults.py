@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = [  # the smallest run that still exercises every part: 2 rollout workers, 1 DDP learner
     "rollout.workers=2", "learner.workers=1", "rewards.0.replicas=1", "learner.num_cpus=0.5", "rollout.num_cpus=0.25",
     "rewards.0.num_cpus=0.25", "prompts.heldout_count=4", "learner.prompts_per_step=2", "algorithm.group_size=4",
-    "logging.grid_every=100", "learner.checkpoint_every=2", "learner.keep_checkpoints=2",
+    "sampling.steps=8", "logging.grid_every=100", "learner.checkpoint_every=2", "learner.keep_checkpoints=2",
 ]
 STEPS = 6
 
