@@ -339,10 +339,10 @@ def _failure_reason(app) -> str:
     """The replica's own error (the last line of a failed deployment's message: its constructor's traceback),
     after how many failed starts when Serve says."""
     messages = [d.message for d in app.deployments.values() if d.status == DeploymentStatus.DEPLOY_FAILED and d.message]
-    message = (messages or [app.message or app.status])[0]
-    lines = [l.strip() for l in str(message).splitlines() if l.strip()]
+    message = str((messages or [app.message or app.status])[0])
+    lines = [l.strip() for l in message.splitlines() if l.strip()]
     reason = lines[-1][:300] if lines else str(app.status)
-    tries = re.search(r"failed to start (\d+) times", str(message))
+    tries = re.search(r"failed to start (\d+) times", message)
     return f"{tries[1]} failed replica start{'s' * (tries[1] != '1')}; {reason}" if tries else reason
 
 
