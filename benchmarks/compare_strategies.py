@@ -7,7 +7,8 @@ and reference-model forwards). Every run trains until it has spent ``--budget`` 
 Phases (one command runs them in order, skipping runs whose result file exists, so it resumes):
 1. sweep:  each strategy at each learning rate of ``--lrs`` (``--sweep-seeds`` seeds), scored on the
            validation prompts (carved from the training prompts, never trained on, never the held-out ones);
-           each strategy keeps the lr with the best mean validation change.
+           each strategy keeps the lr with the best mean validation change (``--max-noise-growth`` caps the
+           drift first; ``--calm-ties`` takes the least drifting lr within one standard error of the best).
 2. final:  each strategy at its own lr, ``--seeds`` seeds, scored on the held-out prompts at 4 points of the
            budget (curves), each score averaged over ``--draws`` noise draws per prompt; plus the image-quality
            check that is not part of the reward.
@@ -40,6 +41,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,22 +208,41 @@ def sweep_growth(runs: list[dict]) -> float | None:
     return math.exp(sum(logs) / len(logs))
 
 
-def best_lrs(sweep: list[dict], max_growth: float | None = None) -> dict[str, float]:
+def best_lrs(sweep: list[dict], max_growth: float | None = None, calm_ties: bool = False) -> dict[str, float]:
     """Per variant, the lr with the best mean validation change. A sweep on reward alone cannot see drift, so with
     ``max_growth`` only lrs whose sweep runs' background noise grew at most that many times the base's compete;
-    where none does, the least drifting lr is taken (runs without the measure always compete)."""
-    by: dict[tuple[str, float], list[dict]] = {}
+    where none does, the least drifting lr is taken (runs without the measure always compete). With ``calm_ties``
+    (the one-standard-error rule) the least drifting of the competing lrs the sweep cannot tell from the best wins."""
+    grids: dict[str, dict[float, list[dict]]] = {}
     for r in sweep:
-        by.setdefault((r["variant"], r["lr"]), []).append(r)
-    best: dict[str, tuple[float, tuple]] = {}
-    for (variant, lr), runs in by.items():
-        score = sum(r["change"] for r in runs) / len(runs)
-        growth = sweep_growth(runs)
-        within = max_growth is None or growth is None or growth <= max_growth
-        rank = (within, score if within else -growth)
-        if variant not in best or rank > best[variant][1]:
-            best[variant] = (lr, rank)
-    return {v: lr for v, (lr, _) in best.items()}
+        grids.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(r)
+    picks = {}
+    for variant, grid in grids.items():
+        rank = {lr: lr_rank(runs, max_growth) for lr, runs in grid.items()}
+        best = max(grid, key=rank.get)
+        if calm_ties and rank[best][0]:
+            tied = [best] + [lr for lr in grid if rank[lr][0] and lr != best and within_one_se(grid[best], grid[lr])]
+            best = min(tied, key=lambda lr: sweep_growth(grid[lr]) or math.inf)  # no measure: the best stays
+        picks[variant] = best
+    return picks
+
+
+def lr_rank(runs: list[dict], max_growth: float | None) -> tuple[bool, float]:
+    """(within the drift cap?, mean validation change if so, else minus the noise growth): higher is better."""
+    growth = sweep_growth(runs)
+    within = max_growth is None or growth is None or growth <= max_growth
+    return within, sum(r["change"] for r in runs) / len(runs) if within else -growth
+
+
+def within_one_se(best: list[dict], other: list[dict]) -> bool:
+    """Is ``other``'s mean validation change within one standard error of ``best``'s? Paired by sweep seed (the
+    same prompt stream and noise); fewer than two shared seeds give no error to compare with: not a tie."""
+    other_by_seed = {r["seed"]: r["change"] for r in other}
+    gaps = [r["change"] - other_by_seed[r["seed"]] for r in best if r["seed"] in other_by_seed]
+    if len(gaps) < 2:
+        return False
+    mean, std, _ = mean_ci(gaps)
+    return mean <= std / math.sqrt(len(gaps))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -244,12 +265,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"compare_strategies: --also-lr: unknown variant {unknown[0]!r}; expected a strategy or one of this "
               f"run's extras: {', '.join([*STRATEGIES, *extras])}", file=sys.stderr)
         return 2
+    if args.calm_ties and args.sweep_seeds < 2:
+        print("compare_strategies: --calm-ties needs --sweep-seeds 2 or more (a standard error over sweep seeds)",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(budget=args.budget, draws=args.draws, optimizer_steps=args.optimizer_steps, device=args.device,
                   settings=args.settings)
-    lrs = best_lrs(run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers), args.max_growth)
-    every_pick = best_lrs([r for r in load_runs(out) if r["phase"] == "sweep"], args.max_growth)  # earlier runs too
+    swept = run_all(sweep_jobs({**variants, **extras}, args, common), out, args.workers)
+    lrs = best_lrs(swept, args.max_growth, args.calm_ties)
+    every_sweep = [r for r in load_runs(out) if r["phase"] == "sweep"]  # earlier runs too
+    every_pick = best_lrs(every_sweep, args.max_growth, args.calm_ties)
     (out / "chosen_lrs.json").write_text(json.dumps(every_pick, indent=2))
     print("chosen learning rates (validation prompts):", json.dumps(lrs), flush=True)
     run_all(final_jobs(variants, extras, lrs, args, common), out, args.workers)
@@ -383,12 +410,13 @@ def baseline_label(baseline: str) -> str:
     return "E-GRPO" if baseline == "egrpo" else baseline
 
 
-def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth: float | None = None) -> str:
+def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth: float | None = None,
+           calm_ties: bool = False) -> str:
     """The tables (paired differences against ``baseline``, E-GRPO unless asked), report.md and the curves;
-    ``max_growth``: the lr picks' cap on drift, as in ``best_lrs``."""
+    ``max_growth`` and ``calm_ties``: the lr picks' rule, as in ``best_lrs``."""
     every = load_runs(out)
     sweep = [r for r in every if r["phase"] == "sweep"]
-    chosen = best_lrs(sweep, max_growth)  # a widened grid may move a pick: report the runs at the current one
+    chosen = best_lrs(sweep, max_growth, calm_ties)  # a widened grid may move a pick: report the runs at the current one
 
     def current(r: dict) -> bool:  # each run at its variant's pick; "name@lr" (--also-lr) at its own lr
         swept = r["variant"] in chosen or r["phase"] != "extra"  # extras of older runs were not swept: E-GRPO's lr
@@ -435,10 +463,13 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth
     lines += noise_table(by, baseline, base_noise)
     lines += budget_table(by, base_noise)
     if sweep:
-        cap = (f"; picks only among lrs whose noise grew at most {max_growth:g} ×, else the least drifting"
-               if max_growth else "; picked on reward alone")
-        lines += ["", f"Learning-rate sweep (mean validation change per lr, and the background noise after, × the "
-                  f"base's; the chosen lr in bold{cap}):", ""]
+        rule = (f"picks only among lrs whose noise grew at most {max_growth:g} ×, else the least drifting"
+                if max_growth else "picked on reward alone")
+        rule += "; of those within one standard error of the best, the least drifting" if calm_ties else ""
+        counts = sorted(set(Counter((r["variant"], r["lr"]) for r in sweep).values()))
+        seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        lines += ["", f"Learning-rate sweep (mean validation change per lr over {seeds} sweep seed(s), and the "
+                  f"background noise after, × the base's; the chosen lr in bold, {rule}):", ""]
         lrs = sorted({r["lr"] for r in sweep})
         lines += ["| strategy | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
         for name in sorted({r["variant"] for r in sweep}, key=table_order):
@@ -609,13 +640,16 @@ def plot_curves(by: dict[str, dict[int, dict]], path: Path) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     try:
-        print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None, args.baseline, args.max_growth))
+        print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None, args.baseline, args.max_growth,
+                     args.calm_ties))
     except MissingBaseline as err:
         print(f"compare_strategies: {err}", file=sys.stderr)
         return 2
     return 0
 
 
+CALM_TIES_HELP = ("of the lrs whose mean validation change is within one standard error of the best's (paired over "
+                  "sweep seeds: needs --sweep-seeds 2 or more), pick the least drifting")
 MAX_GROWTH_HELP = ("pick each lr only among those whose sweep runs' background noise grew at most this many times "
                    "the base's (else the least drifting): a sweep on reward alone picks the lr that drifts")
 
@@ -692,6 +726,7 @@ def main() -> int:
     r.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. prompts.tiny_train_kinds=[single,relation,count]")
     r.add_argument("--max-noise-growth", dest="max_growth", type=growth_cap, help=MAX_GROWTH_HELP)
+    r.add_argument("--calm-ties", action="store_true", help=CALM_TIES_HELP)
     r.add_argument("--also-lr", nargs="*", default=[], type=strategy_lr, metavar="STRATEGY=LR",
                    help="extra final runs of a strategy or extra at another lr, e.g. egrpo=1e-5 (reported as "
                    "egrpo@1e-05) or egrpo-band0.375-0.75=5e-6")
@@ -701,6 +736,7 @@ def main() -> int:
     rep.add_argument("--docs-dir", help="where the curve PNG goes")
     rep.add_argument("--baseline", default="egrpo", help="the variant every paired difference is taken against")
     rep.add_argument("--max-noise-growth", dest="max_growth", type=growth_cap, help=MAX_GROWTH_HELP)
+    rep.add_argument("--calm-ties", action="store_true", help=CALM_TIES_HELP)
     rep.set_defaults(func=cmd_report)
     args = p.parse_args()
     return args.func(args)

@@ -125,6 +125,31 @@ def test_a_noise_cap_picks_the_best_lr_among_those_that_do_not_drift():
         cs.growth_cap("0")
 
 
+def test_calm_ties_take_the_least_drifting_lr_the_sweep_cannot_tell_from_the_best():
+    def swept(lr, changes, growth):  # one run per sweep seed
+        return [{**_run("a", 1000 + s, c, "sweep", lr), "quality_after": {"quality_background_noise": 0.01 * growth}}
+                for s, c in enumerate(changes)]
+
+    drifts = swept(1e-5, [0.10, 0.06, 0.09], 3.0)  # the best mean: 0.083
+    calm = swept(5e-6, [0.08, 0.07, 0.08], 1.3)  # gaps 0.02, -0.01, 0.01: mean 0.0067 within its error 0.0088
+    slow = swept(2.5e-6, [0.02, 0.01, 0.03], 1.0)  # gaps 0.08, 0.05, 0.06: clearly behind
+    sweep = drifts + calm + slow
+    assert cs.best_lrs(sweep) == {"a": 1e-5}
+    assert cs.best_lrs(sweep, calm_ties=True) == {"a": 5e-6}
+    assert cs.best_lrs(drifts + slow, calm_ties=True) == {"a": 1e-5}
+    assert cs.best_lrs(sweep, max_growth=1.2, calm_ties=True) == {"a": 2.5e-6}  # the cap first: 5e-6 is out
+    assert cs.best_lrs(drifts[:1] + calm[:1], calm_ties=True) == {"a": 1e-5}  # one seed: no error, no tie
+
+
+def test_calm_ties_without_sweep_seeds_is_one_line_and_runs_nothing(tmp_path, capsys):
+    args = argparse.Namespace(settings=[], variants=[], suffix=[], band=[], only=None, also_lr=[], calm_ties=True,
+                              sweep_seeds=1, out=str(tmp_path / "out"))
+    assert cs.cmd_run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare_strategies: --calm-ties needs --sweep-seeds 2") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_forward_equivalents():
     assert cs.forward_equivalents({"learner_rows": 10, "recompute_rows": 7}, 100) == 137
 
