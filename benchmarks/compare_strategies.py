@@ -8,7 +8,7 @@ Phases (one command runs them in order, skipping runs whose result file exists, 
 1. sweep:  each strategy at each learning rate of ``--lrs`` (``--sweep-seeds`` seeds), scored on the
            validation prompts (carved from the training prompts, never trained on, never the held-out ones);
            each strategy keeps the lr with the best mean validation change (``--max-noise-growth`` caps the
-           drift first; ``--calm-ties`` takes the least drifting lr within one standard error of the best).
+           drift first; ``--calm-ties`` takes the smallest lr within one standard error of the best).
 2. final:  each strategy at its own lr, ``--seeds`` seeds, scored on the held-out prompts at 4 points of the
            budget (curves), each score averaged over ``--draws`` noise draws per prompt; plus the image-quality
            check that is not part of the reward.
@@ -212,7 +212,8 @@ def best_lrs(sweep: list[dict], max_growth: float | None = None, calm_ties: bool
     """Per variant, the lr with the best mean validation change. A sweep on reward alone cannot see drift, so with
     ``max_growth`` only lrs whose sweep runs' background noise grew at most that many times the base's compete;
     where none does, the least drifting lr is taken (runs without the measure always compete). With ``calm_ties``
-    (the one-standard-error rule) the least drifting of the competing lrs the sweep cannot tell from the best wins."""
+    (the one-standard-error rule) the smallest of the competing lrs the sweep cannot tell from the best wins: drift
+    grows with the lr, and a few sweep seeds measure it too noisily to rank lrs by it (probe 21)."""
     grids: dict[str, dict[float, list[dict]]] = {}
     for r in sweep:
         grids.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(r)
@@ -221,8 +222,7 @@ def best_lrs(sweep: list[dict], max_growth: float | None = None, calm_ties: bool
         rank = {lr: lr_rank(runs, max_growth) for lr, runs in grid.items()}
         best = max(grid, key=rank.get)
         if calm_ties and rank[best][0]:
-            tied = [best] + [lr for lr in grid if rank[lr][0] and lr != best and within_one_se(grid[best], grid[lr])]
-            best = min(tied, key=lambda lr: sweep_growth(grid[lr]) or math.inf)  # no measure: the best stays
+            best = min([best] + [lr for lr in grid if rank[lr][0] and within_one_se(grid[best], grid[lr])])
         picks[variant] = best
     return picks
 
@@ -465,7 +465,7 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth
     if sweep:
         rule = (f"picks only among lrs whose noise grew at most {max_growth:g} ×, else the least drifting"
                 if max_growth else "picked on reward alone")
-        rule += "; of those within one standard error of the best, the least drifting" if calm_ties else ""
+        rule += "; of those within one standard error of the best, the smallest" if calm_ties else ""
         counts = sorted(set(Counter((r["variant"], r["lr"]) for r in sweep).values()))
         seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         lines += ["", f"Learning-rate sweep (mean validation change per lr over {seeds} sweep seed(s), and the "
@@ -649,7 +649,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 CALM_TIES_HELP = ("of the lrs whose mean validation change is within one standard error of the best's (paired over "
-                  "sweep seeds: needs --sweep-seeds 2 or more), pick the least drifting")
+                  "sweep seeds: needs --sweep-seeds 2 or more), pick the smallest: drift grows with the lr")
 MAX_GROWTH_HELP = ("pick each lr only among those whose sweep runs' background noise grew at most this many times "
                    "the base's (else the least drifting): a sweep on reward alone picks the lr that drifts")
 

@@ -125,7 +125,7 @@ def test_a_noise_cap_picks_the_best_lr_among_those_that_do_not_drift():
         cs.growth_cap("0")
 
 
-def test_calm_ties_take_the_least_drifting_lr_the_sweep_cannot_tell_from_the_best():
+def test_calm_ties_take_the_smallest_lr_the_sweep_cannot_tell_from_the_best():
     def swept(lr, changes, growth):  # one run per sweep seed
         return [{**_run("a", 1000 + s, c, "sweep", lr), "quality_after": {"quality_background_noise": 0.01 * growth}}
                 for s, c in enumerate(changes)]
@@ -139,6 +139,8 @@ def test_calm_ties_take_the_least_drifting_lr_the_sweep_cannot_tell_from_the_bes
     assert cs.best_lrs(drifts + slow, calm_ties=True) == {"a": 1e-5}
     assert cs.best_lrs(sweep, max_growth=1.2, calm_ties=True) == {"a": 2.5e-6}  # the cap first: 5e-6 is out
     assert cs.best_lrs(drifts[:1] + calm[:1], calm_ties=True) == {"a": 1e-5}  # one seed: no error, no tie
+    quiet = swept(2e-5, [0.09, 0.07, 0.08], 1.1)  # tied with 1e-5, drifts less on the sweep: the smaller lr wins
+    assert cs.best_lrs(drifts + quiet, calm_ties=True) == {"a": 1e-5}
 
 
 def test_calm_ties_without_sweep_seeds_is_one_line_and_runs_nothing(tmp_path, capsys):
