@@ -416,7 +416,8 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth
     ``max_growth`` and ``calm_ties``: the lr picks' rule, as in ``best_lrs``."""
     every = load_runs(out)
     sweep = [r for r in every if r["phase"] == "sweep"]
-    chosen = best_lrs(sweep, max_growth, calm_ties)  # a widened grid may move a pick: report the runs at the current one
+    # a widened grid or more sweep seeds may move a pick: report the runs at the current one
+    chosen = best_lrs(sweep, max_growth, calm_ties)
 
     def current(r: dict) -> bool:  # each run at its variant's pick; "name@lr" (--also-lr) at its own lr
         swept = r["variant"] in chosen or r["phase"] != "extra"  # extras of older runs were not swept: E-GRPO's lr

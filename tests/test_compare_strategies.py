@@ -139,8 +139,9 @@ def test_calm_ties_take_the_smallest_lr_the_sweep_cannot_tell_from_the_best():
     assert cs.best_lrs(drifts + slow, calm_ties=True) == {"a": 1e-5}
     assert cs.best_lrs(sweep, max_growth=1.2, calm_ties=True) == {"a": 2.5e-6}  # the cap first: 5e-6 is out
     assert cs.best_lrs(drifts[:1] + calm[:1], calm_ties=True) == {"a": 1e-5}  # one seed: no error, no tie
-    quiet = swept(2e-5, [0.09, 0.07, 0.08], 1.1)  # tied with 1e-5, drifts less on the sweep: the smaller lr wins
-    assert cs.best_lrs(drifts + quiet, calm_ties=True) == {"a": 1e-5}
+    quiet = swept(2e-5, [0.12, 0.05, 0.10], 1.1)  # the best, tied with 1e-5, drifts less on the sweep
+    assert cs.best_lrs(drifts + quiet) == {"a": 2e-5}
+    assert cs.best_lrs(drifts + quiet, calm_ties=True) == {"a": 1e-5}  # the smaller lr, not the sweep's calmer one
 
 
 def test_calm_ties_without_sweep_seeds_is_one_line_and_runs_nothing(tmp_path, capsys):
