@@ -490,9 +490,17 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth
     return text
 
 
+NOISE_FLOOR = 1e-4  # under the smallest non-zero share measured (1/8192): about one pixel of the held-out background
+
+
+def noise_log_ratio(noise: float, base: float) -> float:
+    """log(noise / base), each floored at NOISE_FLOOR: a reward hack to flat images (JPEG) leaves no noise at all."""
+    return math.log(max(noise, NOISE_FLOOR) / max(base, NOISE_FLOOR))
+
+
 def log_growth(run: dict, base: float) -> float:
     """log(background noise after training / the base model's)."""
-    return math.log(run["quality_after"]["quality_background_noise"] / base)
+    return noise_log_ratio(run["quality_after"]["quality_background_noise"], base)
 
 
 def noise_table(by: dict[str, dict[int, dict]], baseline: str, base: float) -> list[str]:
@@ -523,7 +531,7 @@ def budget_path(rs: list[dict], base: float) -> list[tuple[float, float, float]]
     path = []
     for i in range(len(rs[0]["curve"])):
         points = [r["curve"][i] for r in rs]
-        log_growth_mean = sum(math.log(p["quality_background_noise"] / base) for p in points) / len(points)
+        log_growth_mean = sum(noise_log_ratio(p["quality_background_noise"], base) for p in points) / len(points)
         path.append((sum(p["fe"] for p in points) / len(points),
                      sum(p["reward"] - r["curve"][0]["reward"] for p, r in zip(points, rs)) / len(rs),
                      math.exp(log_growth_mean)))

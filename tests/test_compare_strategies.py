@@ -104,6 +104,18 @@ def test_noise_table_takes_geometric_means_and_paired_ratios():
     assert "| 4.00 × (4.00-4.00) | yes |" in rows["drifts"]
 
 
+def test_flat_images_without_noise_count_at_the_floor_and_report(tmp_path):
+    def flat(r):  # a reward hack to flat images (JPEG) leaves no background noise at all
+        return {**r, "quality_after": {"quality_background_noise": 0.0},
+                "curve": [{**p, "quality_background_noise": 0.0} for p in r["curve"]]}
+
+    assert cs.log_growth(flat(_run("a", 0, 0.1)), 0.01) == pytest.approx(math.log(cs.NOISE_FLOOR / 0.01))
+    sweep = [flat(_run("egrpo", 1000 + s, 0.1, "sweep", 1e-5)) for s in range(2)] + [_run("egrpo", 1000, 0, "sweep", 3e-5)]
+    assert cs.best_lrs(sweep, max_growth=2) == {"egrpo": 1e-5}
+    _write(tmp_path, sweep + [flat(_run("egrpo", s, 0.1)) for s in range(2)])
+    assert "| egrpo |" in cs.report(tmp_path, None)
+
+
 def test_best_lr_is_the_best_mean_change():
     sweep = [_run("a", 0, 0.1, "sweep", 1e-5), _run("a", 1, -0.1, "sweep", 1e-5), _run("a", 0, 0.05, "sweep", 3e-5)]
     assert cs.best_lrs(sweep) == {"a": 3e-5}
