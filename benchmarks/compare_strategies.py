@@ -402,8 +402,8 @@ def table_order(variant: str) -> tuple[int, str]:
     return (order.index(variant) if variant in order else len(order), variant)
 
 
-class MissingBaseline(Exception):
-    pass
+class ReportError(Exception):
+    """Nothing to report: no final runs, or no runs of the baseline."""
 
 
 def baseline_label(baseline: str) -> str:
@@ -428,8 +428,10 @@ def report(out: Path, docs_dir: Path | None, baseline: str = "egrpo", max_growth
     by: dict[str, dict[int, dict]] = {}
     for r in runs:
         by.setdefault(r["variant"], {})[r["seed"]] = r
+    if not by:
+        raise ReportError(f"no final runs in {out / 'runs'}: `run` makes them (sweep runs alone make no table)")
     if baseline not in by:
-        raise MissingBaseline(f"--baseline {baseline}: no such variant in {out}; there are {', '.join(by)}")
+        raise ReportError(f"--baseline {baseline}: no such variant in {out}; there are {', '.join(by)}")
     vs = f"vs {baseline_label(baseline)}, paired (95% CI)"
     base_noise = runs[0]["quality_base"]["quality_background_noise"]
     lines = [f"Budget per run: {runs[0]['budget']:.0f} forward-equivalents; held-out score = mean reward over "
@@ -651,7 +653,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         print(report(Path(args.out), Path(args.docs_dir) if args.docs_dir else None, args.baseline, args.max_growth,
                      args.calm_ties))
-    except MissingBaseline as err:
+    except ReportError as err:
         print(f"compare_strategies: {err}", file=sys.stderr)
         return 2
     return 0

@@ -87,8 +87,10 @@ def test_report_resolves_a_clear_paired_gap_and_not_noise(tmp_path):
     assert "Background noise after training" in cs.report(tmp_path, None)
     sweep_row = [l for l in cs.report(tmp_path, None).split("Learning-rate sweep")[1].splitlines() if "| egrpo" in l]
     assert sweep_row == ["| egrpo | **+0.200 (1.0 ×)** | +0.100 (1.0 ×) |"]  # the pick in bold, with its drift
-    with pytest.raises(cs.MissingBaseline, match="no such variant"):
+    with pytest.raises(cs.ReportError, match="no such variant"):
         cs.report(tmp_path, None, baseline="nothing")
+    with pytest.raises(cs.ReportError, match="no final runs in"):
+        cs.report(tmp_path / "empty", None)
     cs.report(tmp_path, tmp_path / "docs")  # the curves, and the reward against the drift
     assert {p.name for p in (tmp_path / "docs").glob("*.png")} == {"reward_vs_compute.png", "reward_vs_noise.png"}
 
