@@ -1,6 +1,7 @@
 """The Ray actor-learner service end to end on the tiny model, on a real local Ray cluster:
 2 rollout workers, 1 reward replica, 2 FSDP learner workers (gloo) that broadcast weights to the rollout
-workers over their own process group. Resumes are tested in tests/test_faults.py (a DDP learner with
+workers over their own process group; the KL term pulls toward a frozen reference copy sharded like the
+policy (the tiny model is a full fine-tune). Resumes are tested in tests/test_faults.py (a DDP learner with
 object-store sync, after SIGINT) and tests/test_multinode.py (this FSDP checkpoint resharded onto 1 DDP rank,
 collective sync)."""
 import json
@@ -16,7 +17,7 @@ BASE = [
     "rollout.workers=2", "rewards.0.replicas=1", "learner.workers=2", "learner.num_cpus=0.5",
     "rollout.num_cpus=0.25", "rewards.0.num_cpus=0.25", "prompts.heldout_count=8",
     "learner.prompts_per_step=4", "rollout.prompts_per_batch=2", "algorithm.group_size=8",
-    "learner.checkpoint_every=3", "logging.grid_every=3", "learner.max_staleness=0",
+    "learner.checkpoint_every=3", "logging.grid_every=100", "learner.max_staleness=0",
     "algorithm.old_logprob=recompute", "prompts.tiny_train_kinds=[single]",  # where 6 steps move the probe
     "rewards.0.combine=product",  # the strict product, as measured for this test (the default trains on the mean)
     "learner.lr=3e-5",  # faster than the default 1e-5: 6 steps must move the probe
@@ -33,7 +34,7 @@ def first_run(ray_cluster, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("service")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE + ["learner.iterations=6", "learner.parallelism=fsdp",
-                                                               "rollout.weight_sync=collective"])
+                                                               "rollout.weight_sync=collective", "algorithm.kl_beta=0.05"])
     return out, train(cfg, str(out), progress=False)
 
 
@@ -65,3 +66,13 @@ def test_strict_on_policy_ratio_is_exactly_one_on_each_first_minibatch(first_run
         assert r["ratio_mean_first"] == 1.0
         assert r["staleness_max"] == 0
         assert r["logprob_mismatch"] < 1e-3  # the groups really came from the current weights
+
+
+def test_kl_to_the_sharded_reference_starts_at_zero_and_counts_its_forwards(first_run):
+    """One minibatch per step: step 1's KL is exactly 0 (policy == reference), later steps' positive."""
+    out, _ = first_run
+    records = _records(out)
+    assert records[0]["kl"] == 0.0 and records[0]["minibatches"] == 1
+    assert all(r["kl"] > 0 for r in records[1:])
+    # no-grad forwards per learner row: the old log-prob recompute and the reference
+    assert all(r["recompute_rows"] == 2 * r["learner_rows"] > 0 for r in records)
