@@ -55,7 +55,8 @@ OVERRIDES = [
     "rewards.0.replicas=1", "rewards.0.num_cpus=0.25", "rewards.0.resources={reward_node: 0.01}",
     # a short run
     "algorithm.group_size=4", "learner.prompts_per_step=2", "rollout.prompts_per_batch=1", "learner.max_staleness=0",
-    "prompts.heldout_count=2", f"learner.checkpoint_every={CHECKPOINT_EVERY}", "logging.grid_every=1000",
+    "prompts.heldout_count=2", "sampling.steps=8", f"learner.checkpoint_every={CHECKPOINT_EVERY}",
+    "logging.grid_every=1000",
     "cluster.startup_timeout_s=180",
 ]
 

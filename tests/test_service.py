@@ -17,7 +17,7 @@ BASE = [
     "rollout.workers=2", "rewards.0.replicas=1", "learner.workers=2", "learner.num_cpus=0.5",
     "rollout.num_cpus=0.25", "rewards.0.num_cpus=0.25", "prompts.heldout_count=8",
     "learner.prompts_per_step=4", "rollout.prompts_per_batch=2", "algorithm.group_size=8",
-    "learner.checkpoint_every=3", "logging.grid_every=100", "learner.max_staleness=0",
+    "learner.checkpoint_every=3", "logging.grid_every=3", "learner.max_staleness=0",
     "algorithm.old_logprob=recompute", "prompts.tiny_train_kinds=[single]",  # where 6 steps move the probe
     "rewards.0.combine=product",  # the strict product, as measured for this test (the default trains on the mean)
     "learner.lr=3e-5",  # faster than the default 1e-5: 6 steps must move the probe
@@ -54,6 +54,9 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     assert summary["heldout_reward_before"] is not None and summary["heldout_reward_after"] is not None
     assert 0 <= summary["background_noise_before"] <= 1 and 0 <= summary["background_noise_after"] <= 1
     assert (out / "reward_curve.png").exists() and (out / "grids" / "heldout_before.png").exists()
+    heldout = [json.loads(l) for l in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [(r["tag"], r["step"]) for r in heldout] == [("before", 0), ("step_000003", 3), ("after", 6)]
+    assert (out / "grids" / "heldout_step_000003.png").exists()  # the mid-run grid (logging.grid_every)
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == "step_000006" and (ckpt / "state" / ".metadata").exists()
     assert (ckpt / "transformer" / "diffusion_pytorch_model.safetensors").exists()  # the export users load
