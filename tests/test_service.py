@@ -24,8 +24,8 @@ BASE = [
 ]
 
 
-def _records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+def _records(out, name: str = "metrics.jsonl"):
+    return [json.loads(l) for l in (out / name).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,7 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     assert summary["heldout_reward_before"] is not None and summary["heldout_reward_after"] is not None
     assert 0 <= summary["background_noise_before"] <= 1 and 0 <= summary["background_noise_after"] <= 1
     assert (out / "reward_curve.png").exists() and (out / "grids" / "heldout_before.png").exists()
-    heldout = [json.loads(l) for l in (out / "heldout.jsonl").read_text().splitlines()]
-    assert [(r["tag"], r["step"]) for r in heldout] == [("before", 0), ("step_000003", 3), ("after", 6)]
+    assert [(r["tag"], r["step"]) for r in _records(out, "heldout.jsonl")] == [("before", 0), ("step_000003", 3), ("after", 6)]
     assert (out / "grids" / "heldout_step_000003.png").exists()  # the mid-run grid (logging.grid_every)
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == "step_000006" and (ckpt / "state" / ".metadata").exists()
