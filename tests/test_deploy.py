@@ -1,8 +1,14 @@
 """The deploy files run as shipped: the KubeRay pods offer exactly what their config needs (the project's
 own resource checks), mount every path the config reads or writes, expose Ray's metrics port to the
-PodMonitor, and run the image docker/Dockerfile builds (checked by parsing it: no docker daemon here)."""
+PodMonitor, and run the image docker/Dockerfile builds. There is no Docker daemon or registry here: the
+Dockerfile is parsed, and its steps after FROM are replayed on this machine (the package they install runs)."""
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -206,5 +212,92 @@ def test_dockerfile_builds_on_ray_gpu_with_a_dependency_layer_and_no_root():
     assert all(k != "VOLUME" for k in kinds)  # volumes are the deployment's (deploy/), not the image's
     # the build context sends only what is copied (BuildKit's docker/Dockerfile.dockerignore), and all of that
     ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
-    allowed = {l[1:].rstrip("/") for l in ignore if l.startswith("!")}
-    assert "*" in ignore and set(copied.values()) == allowed
+    assert "*" in ignore and set(copied.values()) == _context_files()
+
+
+def _context_files() -> set[str]:
+    """What BuildKit sends as the build context: docker/Dockerfile.dockerignore's `!` allow-list after `*`."""
+    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    return {l[1:].rstrip("/") for l in ignore if l.startswith("!")}
+
+
+# The replay's pip: every call is recorded; only the install of the package itself (`pip install ... .`)
+# runs, into the image's stand-in site-packages. The dependency installs need PyTorch's CUDA index and GBs
+# of wheels; this venv already holds the same pins (what they would install is checked from their files).
+_PIP = """pip() { printf '%s\\n' "$*" >> "$PIP_CALLS"
+  case " $* " in *" . "*) python -m pip "$@" --no-build-isolation --quiet --target "$SITE" ;; esac; }
+"""
+
+
+def _replay(rootfs: Path) -> tuple[Path, list[str]]:
+    """The Dockerfile's steps after FROM, with rootfs standing in for the image's /: COPY from the build
+    context, ENV and ARG defaults into RUN's environment, RUN (as `ray`) with bash in WORKDIR. The RUNs as
+    root install Debian packages on the base image and are skipped. Returns (site-packages, pip calls)."""
+    context = rootfs.parent / "context"
+    for name in _context_files():
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, context / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            context.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, context / name)
+    site, calls = rootfs / "site-packages", rootfs / "pip-calls"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SITE": str(site),
+           "PIP_CALLS": str(calls), "OMP_NUM_THREADS": "1"}
+    workdir, user = rootfs, "root"
+    for kind, args in _instructions()[1:]:
+        if kind in ("ENV", "ARG"):
+            env.update(a.split("=", 1) for a in shlex.split(args) if "=" in a)
+        elif kind == "USER":
+            user = args.strip()
+        elif kind == "WORKDIR":
+            workdir = rootfs / args.strip().lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif kind == "COPY":
+            *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
+            for src in sources:  # a directory's contents go to dest; a file into dest/ (or to dest)
+                target = workdir / dest / (src if dest.endswith("/") and (context / src).is_file() else "")
+                if (context / src).is_dir():
+                    shutil.copytree(context / src, target, symlinks=True, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(context / src, target)
+        elif kind == "RUN" and user != "root":
+            script = args.replace("/tmp/", f"{rootfs}/tmp/")
+            (rootfs / "tmp").mkdir(exist_ok=True)
+            done = subprocess.run(["bash", "-c", f"set -e\n{_PIP}{script}"], cwd=workdir, env=env,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, f"RUN {args}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    return site, calls.read_text().splitlines()
+
+
+def test_the_dockerfile_replayed_installs_a_package_that_runs_the_embedded_default(tmp_path):
+    rootfs = tmp_path / "image"
+    site, pip_calls = _replay(rootfs)
+    # the dependency layer: exactly pyproject's dependencies, torch and torchvision at their pins
+    requirements = (rootfs / "tmp" / "requirements.txt").read_text().split()
+    assert requirements == _pyproject()["project"]["dependencies"]
+    assert (rootfs / "tmp" / "torch.txt").read_text().split() == [f"torch=={_pin('torch')}",
+                                                                   f"torchvision=={_pin('torchvision')}"]
+    assert len(pip_calls) == 3 and pip_calls[-1] == "install --no-deps ."  # torch, the rest, the package
+    # the package was built, not linked: the default config and the tiny model are files inside it
+    installed = site / "egrpo_ray" / "assets"
+    default = installed / "default.yaml"
+    assert default.is_file() and not default.is_symlink()
+    assert default.read_bytes() == (ROOT / "configs" / "tiny.yaml").read_bytes()
+    assert (installed / "tiny" / "model.safetensors").is_file()
+    # the configs the manifests name are in the image at the path they name
+    for name in MANIFESTS:
+        (manifest,) = _load(name)
+        config = _train_argv(manifest)[3]
+        assert (rootfs / _workdir().lstrip("/") / config.removeprefix(_workdir())).is_file(), config
+    # the installed CLI, run outside the repository, imports the installed package and scores the default
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c", "import egrpo_ray; print(egrpo_ray.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(site), where
+    done = subprocess.run([str(site / "bin" / "egrpo-ray"), "eval", "--num-prompts", "2", "--no-progress",
+                           "--output-dir", str(tmp_path / "eval")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scores["num_prompts"] == 2 and 0 < scores["rewards"]["alignment"]["mean"] < 1, scores
