@@ -350,17 +350,7 @@ def load_export(policy: nn.Module, checkpoint: str | Path) -> None:
     checkpoint = Path(checkpoint)
     check_export(checkpoint)
     if (checkpoint / LORA_DIR / LORA_FILE).is_file():
-        from peft.utils import set_peft_model_state_dict
-
-        if not getattr(policy.transformer, "peft_config", None):
-            raise CheckpointError(f"{checkpoint}: a LoRA export, but the model has no LoRA (set model.lora.enabled)")
-        state = _load_safetensors(checkpoint / LORA_DIR / LORA_FILE)
-        try:
-            result = set_peft_model_state_dict(policy.transformer, {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()})
-        except RuntimeError as err:  # shape mismatch: another rank or model
-            raise CheckpointError(f"{checkpoint}: LoRA weights do not fit this model ({_first_line(err)})") from None
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"{checkpoint}: LoRA keys not in this model, e.g. {result.unexpected_keys[0]!r}")
+        load_lora(policy, checkpoint / LORA_DIR)
         return
     files = sorted((checkpoint / TRANSFORMER_DIR).glob("*.safetensors"))
     state = {}
@@ -376,6 +366,42 @@ def load_export(policy: nn.Module, checkpoint: str | Path) -> None:
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].dtype))
+
+
+def check_lora(directory: str | Path) -> None:
+    """``directory`` holds a complete LoRA file (headers only: no tensors are read). Raises CheckpointError."""
+    path = Path(directory) / LORA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {LORA_FILE} (a LoRA run writes it to <output_dir>/lora)")
+    check_safetensors(path)
+
+
+def load_lora(policy: nn.Module, directory: str | Path) -> None:
+    """A diffusers-format LoRA (``directory/pytorch_lora_weights.safetensors``, as training exports it) into
+    the policy's transformer. With LoRA enabled (model.lora.enabled) the weights go into its adapter, whose
+    shapes must match; otherwise a new adapter is built from the file (its metadata keeps rank and alpha),
+    frozen, for inference. Any model kind with a diffusers transformer, the tiny one included. A missing,
+    corrupt or mismatched file raises CheckpointError (one line)."""
+    from peft.utils import set_peft_model_state_dict
+
+    from egrpo_ray.models.diffusers_common import read_lora
+
+    directory = Path(directory)
+    check_lora(directory)
+    transformer, was_training = policy.transformer, policy.transformer.training
+    try:
+        state, metadata = read_lora(_pipeline_cls(policy), directory)
+        if getattr(transformer, "peft_config", None):
+            result = set_peft_model_state_dict(transformer, {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()})
+            if getattr(result, "unexpected_keys", None):
+                raise CheckpointError(f"{directory}: LoRA keys not in this model, e.g. {result.unexpected_keys[0]!r}")
+            return
+        transformer.load_lora_adapter(state, prefix="transformer", adapter_name="default", metadata=metadata)
+    except (RuntimeError, ValueError) as err:  # shapes or modules of another rank or model
+        raise CheckpointError(f"{directory}: LoRA weights do not fit this model ({_first_line(err)})") from None
+    transformer.requires_grad_(False)
+    transformer.to(next(transformer.parameters()).device)
+    transformer.train(was_training)  # the new adapter's modules (LoRA dropout) take the model's mode
 
 
 def export_final_lora(checkpoint: str | Path, output_dir: str | Path) -> Path | None:

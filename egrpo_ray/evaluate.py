@@ -322,8 +322,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--checkpoint: {err}") from None
         else:
             _check_state_file(ckpt)
-    elif args.lora and not Path(args.lora).exists():
-        raise ConfigError(f"--lora {args.lora}: not found")
+    elif args.lora:
+        from egrpo_ray.checkpoint import check_lora
+
+        if not Path(args.lora).exists():
+            raise ConfigError(f"--lora {args.lora}: not found")
+        try:
+            check_lora(args.lora)  # before the model loads (minutes for FLUX)
+        except ConfigError as err:
+            raise ConfigError(f"--lora {err}") from None
     output_dir = args.output_dir or str(Path(cfg.logging.output_dir) / "eval")
     check_output_dir(output_dir, "--output-dir")
 
@@ -350,12 +357,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--checkpoint {ckpt}: {_first_line(err)}") from None
         label = args.label or ckpt.name
     elif args.lora:
-        if not hasattr(policy, "load_lora"):
-            raise ConfigError(f"--lora: model.kind '{cfg.model.kind}' has no LoRA support")
+        from egrpo_ray.checkpoint import load_lora
+
         try:
-            policy.load_lora(args.lora)
-        except (FileNotFoundError, KeyError, ValueError) as err:
-            raise ConfigError(f"--lora {args.lora}: {_first_line(err)}") from None
+            load_lora(policy, args.lora)
+        except ConfigError as err:
+            raise ConfigError(f"--lora {_first_line(err)}") from None
         label = args.label or f"lora:{Path(args.lora).name}"
     policy.to(device)
     seed = cfg.seed if args.seed is None else args.seed

@@ -230,6 +230,8 @@ CASES = [
     ("eval-not-a-checkpoint", lambda t: (os.mkdir(t / "ck"), evaluate(t, "--checkpoint", str(t / "ck")))[1], "not a checkpoint"),
     ("eval-run-without-checkpoints", lambda t: (os.makedirs(t / "run" / "checkpoints"), evaluate(t, "--checkpoint", str(t / "run")))[1], "no checkpoint in"),
     ("eval-checkpoint-missing", lambda t: evaluate(t, "--checkpoint", str(t / "nope")), "not found"),
+    ("eval-lora-dir-without-lora", lambda t: (os.mkdir(t / "l"), evaluate(t, "--lora", str(t / "l")))[1], "no pytorch_lora_weights.safetensors"),
+    ("eval-truncated-lora-dir", lambda t: evaluate(t, "--lora", str(lora_ckpt(t) / "lora")), "truncated safetensors file"),
     ("eval-device", lambda t: evaluate(t, "--device", "gpu0"), "--device 'gpu0': not a torch device"),
     ("eval-output-under-file", lambda t: ["eval", "--output-dir", str(write(t / "f", "x") / "eval")], "--output-dir"),
     ("eval-test-prompts-not-utf8", lambda t: evaluate(t, sets=tuple(file_prompts(t, test=b"\xc3\x28\n"))), "not UTF-8 text (byte 0)"),

@@ -175,10 +175,11 @@ def _caption_height() -> int:
 
 def test_training_exports_a_diffusers_lora_at_the_end(tmp_path):
     """A LoRA run's checkpoint export, copied to <output_dir>/lora at the end of training, is what
-    diffusers' FluxPipeline.load_lora_weights reads (and `egrpo-ray eval --lora` loads)."""
+    diffusers' FluxPipeline.load_lora_weights reads, and what `egrpo-ray eval --lora` and `--checkpoint` load
+    into a tiny model with or without LoRA enabled."""
     from diffusers import FluxPipeline
 
-    from egrpo_ray.checkpoint import LORA_FILE, export_final_lora, save_checkpoint
+    from egrpo_ray.checkpoint import LORA_FILE, export_final_lora, load_export, load_lora, save_checkpoint
     from egrpo_ray.config import LoraConfig, ModelConfig
     from egrpo_ray.models import build_policy
     from egrpo_ray.models.diffusers_common import read_lora
@@ -201,6 +202,17 @@ def test_training_exports_a_diffusers_lora_at_the_end(tmp_path):
     for name, value in trained.items():  # "transformer.<module>.lora_B.default.weight" -> "<module>.lora_B.weight"
         key = name.removeprefix("transformer.").replace(".default.", ".")
         assert torch.equal(exported[key].float(), value.float())
+    # into the adapter of a LoRA-enabled model (the run's config), and as a new adapter into a model without
+    # one (the default config): both compute what was trained
+    into_adapter = build_policy(ModelConfig(kind="tiny", lora=LoraConfig(enabled=True, rank=2, alpha=2.0)))
+    load_lora(into_adapter, tmp_path / "run" / "lora")
+    assert all(torch.equal(into_adapter.trainable_state()[k], v) for k, v in policy.trainable_state().items())
+    new_adapter = build_policy(ModelConfig(kind="tiny"))
+    load_export(new_adapter, ckpt)
+    assert not new_adapter.training and not any(p.requires_grad for p in new_adapter.transformer.parameters())
+    x, sigma, cond = torch.randn(2, *policy.latent_shape), torch.tensor([0.9, 0.3]), policy.encode_prompts(["a", "b"])
+    for loaded in (into_adapter, new_adapter):
+        torch.testing.assert_close(loaded(x, sigma, cond), policy(x, sigma, cond))
     # a full fine-tune's checkpoint has no LoRA to export
     assert export_final_lora(tmp_path / "nowhere", tmp_path / "run2") is None
 

@@ -338,23 +338,3 @@ class DiffusersPolicy(Policy):
         if not self.lora_enabled:
             raise ValueError("save_lora: LoRA is not enabled (model.lora.enabled); use save_trainable")
         return save_lora(self.pipeline_cls, self.transformer, directory)
-
-    def load_lora(self, directory: str | Path) -> None:
-        """Load a LoRA saved by save_lora or any diffusers-format LoRA for this model family.
-
-        With LoRA enabled the weights go into the existing adapter (shapes must match); otherwise a new
-        adapter is created from the file (its metadata gives rank and alpha) for inference.
-        """
-        from peft.utils import set_peft_model_state_dict
-
-        state, meta = read_lora(self.pipeline_cls, directory)
-        if self.lora_enabled:
-            peft_state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            result = set_peft_model_state_dict(self.transformer, peft_state, adapter_name="default")
-            unexpected = getattr(result, "unexpected_keys", None) or []
-            if unexpected:
-                raise KeyError(f"{directory}: LoRA keys not in this model, e.g. {unexpected[0]!r}")
-            return
-        self.transformer.load_lora_adapter(state, prefix="transformer", adapter_name="default", metadata=meta)
-        self.transformer.requires_grad_(False)
-        self.transformer.to(self.device)
