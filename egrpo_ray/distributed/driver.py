@@ -454,7 +454,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"egrpo-ray: error: {summary['error']} at step {summary['steps_completed']}; resume with --resume",
               file=sys.stderr)
         return 1
-    print(f"\ndone in {summary['wall_seconds']:.0f} s: {summary['steps_completed']} learner steps")
+    steps, ran = summary["steps_completed"], summary["steps_this_run"]
+    resumed = f" ({ran} this run, resumed from {Path(summary['resumed_from']).name})" if summary["resumed_from"] else ""
+    print(f"\ndone in {summary['wall_seconds']:.0f} s: {steps} learner steps{resumed}")
     for label, key in (("held-out reward", "heldout_reward"), ("training-prompt reward", "train_probe_reward"),
                        ("background noise (not rewarded: drift the reward cannot see)", "background_noise")):
         before, after = summary[f"{key}_before"], summary[f"{key}_after"]
