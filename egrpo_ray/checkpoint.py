@@ -244,6 +244,15 @@ def export_weights(policy: nn.Module, directory: str | Path, lora: bool, dtype: 
         _write_transformer(policy, state, Path(directory) / TRANSFORMER_DIR)
 
 
+def save_lora(policy: nn.Module, directory: str | Path) -> Path:
+    """An unsharded policy's LoRA adapter in diffusers' format, as training exports it:
+    ``directory/pytorch_lora_weights.safetensors``, what ``load_lora_weights`` and ``load_lora`` read."""
+    if not getattr(policy.transformer, "peft_config", None):
+        raise ValueError("save_lora: the model has no LoRA adapter (model.lora.enabled)")
+    _write_lora(policy, full_trainable_state(policy), Path(directory))
+    return Path(directory) / LORA_FILE
+
+
 def _write_lora(policy: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
     # policy names "transformer.<module>.lora_A.default.weight" -> peft's "<module>.lora_A.weight"
     layers = {k.removeprefix(TRANSFORMER_PREFIX).replace(".default.", "."): v.contiguous() for k, v in state.items()}

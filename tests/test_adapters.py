@@ -17,7 +17,7 @@ except ImportError:  # tests/ as a package
 
 from egrpo_ray.algo.sampler import sample_ode
 from egrpo_ray.algo.schedule import shifted_sigmas
-from egrpo_ray.checkpoint import load_lora
+from egrpo_ray.checkpoint import load_lora, save_lora
 from egrpo_ray.config import LoraConfig, ModelConfig
 from egrpo_ray.models import build_policy
 
@@ -132,7 +132,7 @@ def test_flux_lora_saves_for_diffusers_and_loads_back(flux_path, tmp_path):
     n_lora = sum(v.numel() for v in state.values())
     assert n_lora == sum(p.numel() for p in pol.parameters() if p.requires_grad)
     _perturb_lora(pol)
-    weights = pol.save_lora(tmp_path / "lora")
+    weights = save_lora(pol, tmp_path / "lora")
     assert weights.name == "pytorch_lora_weights.safetensors"
 
     pipe = FluxPipeline.from_pretrained(flux_path, dtype=torch.float32)
@@ -250,7 +250,7 @@ def test_sd3_without_t5_and_lora(tmp_path):
     assert cond["prompt_embeds"].shape == (2, 77 + 256, 48)
     assert float(cond["prompt_embeds"][:, 77:].abs().max()) == 0.0  # no T5: zeros, as the pipeline
     _perturb_lora(pol, seed=3)
-    pol.save_lora(tmp_path)
+    save_lora(pol, tmp_path)
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32, text_encoder_3=None, tokenizer_3=None)
     pipe.load_lora_weights(str(tmp_path))
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="default_0")

@@ -13,6 +13,7 @@ try:
 except ImportError:  # tests/ as a package
     from tests import tiny_real_models as tiny
 
+from egrpo_ray.checkpoint import save_lora
 from egrpo_ray.config import ConfigError, LoraConfig, ModelConfig, RewardConfig
 from egrpo_ray.cli import build_parser
 from egrpo_ray.evaluate import evaluate
@@ -117,7 +118,7 @@ def test_eval_subcommand_with_lora(tmp_path, capsys, monkeypatch):
         for n, p in pol.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    pol.save_lora(tmp_path / "lora")
+    save_lora(pol, tmp_path / "lora")
     from egrpo_ray.rewards.hps import HPSv21Reward
 
     # the HPS reward builds ViT-H-14; point it at the tiny registered architecture for this run

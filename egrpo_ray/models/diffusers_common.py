@@ -8,9 +8,9 @@
   activations), so small learning rates are not rounded away. A full fine-tune keeps the transformer
   in the model dtype by default (memory); pass ``trainable_dtype=torch.float32`` to the constructor to
   keep float32 master weights and run the forward under autocast instead.
-- LoRA: peft adapters injected through diffusers' ``add_adapter``; saved with the pipelines'
-  ``save_lora_weights`` (peft state dict + adapter metadata, so rank/alpha survive), which is exactly
-  what ``FluxPipeline.load_lora_weights`` / ``StableDiffusion3Pipeline.load_lora_weights`` read.
+- LoRA: peft adapters injected through diffusers' ``add_adapter``; egrpo_ray.checkpoint saves them with
+  the pipelines' ``save_lora_weights`` (peft state dict + adapter metadata, so rank/alpha survive), which
+  is exactly what ``FluxPipeline.load_lora_weights`` / ``StableDiffusion3Pipeline.load_lora_weights`` read.
 - ``PromptCache``: text embeddings cached per prompt string (text encoders run once per prompt).
 """
 from __future__ import annotations
@@ -147,27 +147,6 @@ def add_lora(model: nn.Module, cfg: LoraConfig, param_dtype: torch.dtype = torch
         if ".lora_" in name:
             p.data = p.data.to(param_dtype)
             p.requires_grad_(True)
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """peft's state dict of the adapter (keys without the adapter name, as diffusers saves them)."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def save_lora(pipeline_cls, model: nn.Module, directory: str | Path) -> Path:
-    """Write the adapter the way diffusers' training scripts do, readable by ``pipeline_cls.load_lora_weights``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = model.peft_config["default"].to_dict()
-    pipeline_cls.save_lora_weights(
-        directory,
-        transformer_lora_layers=lora_state_dict(model),
-        transformer_lora_adapter_metadata=metadata,
-        safe_serialization=True,
-    )
-    return directory / LORA_FILE
 
 
 def read_lora(pipeline_cls, directory: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
@@ -332,9 +311,3 @@ class DiffusersPolicy(Policy):
 
     def load_trainable(self, directory: str | Path) -> None:
         self.load_trainable_state(load_state_file(directory))
-
-    def save_lora(self, directory: str | Path) -> Path:
-        """The LoRA adapter in diffusers' format (``pytorch_lora_weights.safetensors``)."""
-        if not self.lora_enabled:
-            raise ValueError("save_lora: LoRA is not enabled (model.lora.enabled); use save_trainable")
-        return save_lora(self.pipeline_cls, self.transformer, directory)
