@@ -405,9 +405,9 @@ def _follow(cfg: ExperimentConfig, out: Path, history: RunHistory, log, queue, f
         targets.remove()
     records = history.metrics.read()
     heldout = history.heldout_by_tag()
-    if records:
+    if records:  # every held-out score, a resumed run's earlier 'after' included
         plot_reward_curve(records, out / "reward_curve.png",
-                          sorted((h["step"], h["heldout_reward"]) for h in heldout.values()))
+                          sorted((h["step"], h["heldout_reward"]) for h in history.heldout.read()))
     last_step = records[-1]["step"] if records else start_step
     summary = {
         "first_step_at": first_step_at or time.perf_counter(),
