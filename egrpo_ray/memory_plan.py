@@ -352,7 +352,7 @@ def _tiny_parts(cfg: ModelConfig) -> PolicyParts:
     directory = Path(cfg.path).expanduser() if cfg.path else tiny.ASSET_DIR
     if not (directory / tiny.MANIFEST_FILE).is_file():
         raise ConfigError(f"model.path: no tiny model manifest in {directory} (need {tiny.MANIFEST_FILE}); "
-                          "run `egrpo-ray pretrain-tiny`")
+                          f"run `egrpo-ray pretrain-tiny --output-dir {directory}`")
     manifest = tiny.read_manifest(directory)
     with torch.device("meta"):  # load_tiny_policy's steps, on meta
         policy = tiny.TinyPolicy(manifest["model_config"])

@@ -282,7 +282,7 @@ def check_tiny_files(directory: str | Path | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"tiny model directory not found: {directory}")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() or not (directory / MANIFEST_FILE).is_file():
-        raise FileNotFoundError(f"tiny model files missing in {directory} (need {WEIGHTS_FILE} and {MANIFEST_FILE}); run `egrpo-ray pretrain-tiny`")
+        raise FileNotFoundError(f"tiny model files missing in {directory} (need {WEIGHTS_FILE} and {MANIFEST_FILE}); run `egrpo-ray pretrain-tiny --output-dir {directory}`")
     manifest = read_manifest(directory)
     mc = manifest.get("model_config")
     if not isinstance(mc, dict) or not isinstance(mc.get("transformer"), dict) or not isinstance(mc.get("text_encoder"), dict):
