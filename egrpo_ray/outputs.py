@@ -48,6 +48,20 @@ class MetricsWriter:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
 
 
+CHANGES = (("held-out reward", "heldout_reward"), ("training-prompt reward", "train_probe_reward"),
+           ("background noise (not rewarded: drift the reward cannot see)", "background_noise"))
+
+
+def change_lines(summary: Mapping[str, Any]) -> list[str]:
+    """A run summary's before -> after lines, as `train` and `reference` print them."""
+    lines = []
+    for label, key in CHANGES:
+        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
+        if before is not None and after is not None:
+            lines.append(f"{label}: {before:.4f} -> {after:.4f}")
+    return lines
+
+
 def _caption_strip(text: str, width: int, lines: int) -> torch.Tensor:
     """``text`` wrapped to ``width`` pixels in PIL's default font, black on white: [3, h, width] in [0, 1]."""
     import textwrap

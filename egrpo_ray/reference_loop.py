@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from egrpo_ray.algo.gradient_noise import signal_share
+from egrpo_ray.algo.gradient_noise import describe as describe_signal, signal_share
 from egrpo_ray.algo.strategies import build_strategy
 from egrpo_ray.config import ExperimentConfig, load_config
 from egrpo_ray.models import build_policy
-from egrpo_ray.outputs import MetricsWriter, save_grid
+from egrpo_ray.outputs import MetricsWriter, change_lines, save_grid
 from egrpo_ray.rewards import build_reward
 from egrpo_ray.algo.update import step_seed
 from egrpo_ray.evaluate import heldout_scores
@@ -92,6 +92,8 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
         "train_probe_reward_after": after["train_probe_reward"],
         "heldout_quality_before": {k: v for k, v in before.items() if k.startswith("quality_")},
         "heldout_quality_after": {k: v for k, v in after.items() if k.startswith("quality_")},
+        "background_noise_before": before["quality_background_noise"],
+        "background_noise_after": after["quality_background_noise"],
         "train_reward_first": history[0]["reward_mean"],
         "train_reward_last": history[-1]["reward_mean"],
         "wall_seconds": time.perf_counter() - t_start,
@@ -106,6 +108,13 @@ def run_reference(cfg: ExperimentConfig, iterations: int | None = None, output_d
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    out = run_reference(cfg, args.iterations, args.output_dir or cfg.logging.output_dir + "-reference")
-    print(json.dumps(out["summary"], indent=2))
+    output_dir = Path(args.output_dir or cfg.logging.output_dir + "-reference")
+    summary = run_reference(cfg, args.iterations, str(output_dir))["summary"]
+    print(f"\ndone in {summary['wall_seconds']:.0f} s: {summary['iterations']} iterations of "
+          f"{summary['strategy']} (single process, no Ray)")
+    print(*change_lines(summary), sep="\n")
+    if summary["gradient_signal"]:
+        print(describe_signal(summary["gradient_signal"]))
+    print(f"metrics: {output_dir / 'metrics.jsonl'}\nheld-out images: {output_dir / 'heldout_final.png'}\n"
+          f"summary: {output_dir / 'summary.json'}")
     return 0

@@ -38,7 +38,7 @@ from egrpo_ray.config import (
     dump_config,
     load_config,
 )
-from egrpo_ray.outputs import MetricsWriter, Progress, plot_reward_curve, save_comparison, save_grid
+from egrpo_ray.outputs import MetricsWriter, Progress, change_lines, plot_reward_curve, save_comparison, save_grid
 from egrpo_ray.preflight import preflight
 from egrpo_ray.prompts import prompt_splits
 
@@ -457,11 +457,7 @@ def run(args: argparse.Namespace) -> int:
     steps, ran = summary["steps_completed"], summary["steps_this_run"]
     resumed = f" ({ran} this run, resumed from {Path(summary['resumed_from']).name})" if summary["resumed_from"] else ""
     print(f"\ndone in {summary['wall_seconds']:.0f} s: {steps} learner steps{resumed}")
-    for label, key in (("held-out reward", "heldout_reward"), ("training-prompt reward", "train_probe_reward"),
-                       ("background noise (not rewarded: drift the reward cannot see)", "background_noise")):
-        before, after = summary[f"{key}_before"], summary[f"{key}_after"]
-        if before is not None and after is not None:
-            print(f"{label}: {before:.4f} -> {after:.4f}")
+    print(*change_lines(summary), sep="\n")
     if summary.get("gradient_signal"):
         print(describe_signal(summary["gradient_signal"]))
     failures = {k: v for k, v in summary["failures"].items() if v}
