@@ -406,6 +406,8 @@ def load_lora(policy: nn.Module, directory: str | Path) -> None:
                 raise CheckpointError(f"{directory}: LoRA keys not in this model, e.g. {result.unexpected_keys[0]!r}")
             return
         transformer.load_lora_adapter(state, prefix="transformer", adapter_name="default", metadata=metadata)
+    except CheckpointError:
+        raise
     except (RuntimeError, ValueError) as err:  # shapes or modules of another rank or model
         raise CheckpointError(f"{directory}: LoRA weights do not fit this model ({_first_line(err)})") from None
     transformer.requires_grad_(False)
@@ -429,5 +431,9 @@ def export_final_lora(checkpoint: str | Path, output_dir: str | Path) -> Path | 
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The error's first line; where that only introduces a list ("Error(s) in loading state_dict ...:"),
+    the list's first entry."""
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -138,6 +138,16 @@ def lora_ckpt(t: Path) -> Path:
     return t / "ckpt"
 
 
+def tiny_lora(t: Path) -> Path:
+    """A rank-4 LoRA of the tiny model, as training exports it."""
+    from egrpo_ray.checkpoint import save_lora
+    from egrpo_ray.config import LoraConfig, ModelConfig
+    from egrpo_ray.models import build_policy
+
+    save_lora(build_policy(ModelConfig(kind="tiny", lora=LoraConfig(enabled=True, rank=4))), t / "lora")
+    return t / "lora"
+
+
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 
@@ -231,6 +241,8 @@ CASES = [
     ("eval-run-without-checkpoints", lambda t: (os.makedirs(t / "run" / "checkpoints"), evaluate(t, "--checkpoint", str(t / "run")))[1], "no checkpoint in"),
     ("eval-checkpoint-missing", lambda t: evaluate(t, "--checkpoint", str(t / "nope")), "not found"),
     ("eval-lora-dir-without-lora", lambda t: (os.mkdir(t / "l"), evaluate(t, "--lora", str(t / "l")))[1], "no pytorch_lora_weights.safetensors"),
+    ("eval-lora-of-another-rank", lambda t: evaluate(t, "--lora", str(tiny_lora(t)), sets=("model.lora.enabled=true", "model.lora.rank=2")), "size mismatch for transformer_blocks.0.attn.to_q.lora_A.default.weight"),
+    ("eval-lora-of-other-modules", lambda t: evaluate(t, "--lora", str(tiny_lora(t)), sets=("model.lora.enabled=true", "model.lora.rank=4", "model.lora.target_modules=[to_q]")), "LoRA keys not in this model, e.g. 'transformer_blocks.0.attn.to_k.lora_A.weight'"),
     ("eval-truncated-lora-dir", lambda t: evaluate(t, "--lora", str(lora_ckpt(t) / "lora")), "truncated safetensors file"),
     ("eval-device", lambda t: evaluate(t, "--device", "gpu0"), "--device 'gpu0': not a torch device"),
     ("eval-output-under-file", lambda t: ["eval", "--output-dir", str(write(t / "f", "x") / "eval")], "--output-dir"),
