@@ -393,22 +393,25 @@ def load_lora(policy: nn.Module, directory: str | Path) -> None:
     corrupt or mismatched file raises CheckpointError (one line)."""
     from peft.utils import set_peft_model_state_dict
 
-    from egrpo_ray.models.diffusers_common import read_lora
-
     directory = Path(directory)
     check_lora(directory)
     transformer, was_training = policy.transformer, policy.transformer.training
     try:
-        state, metadata = read_lora(_pipeline_cls(policy), directory)
+        # the pipeline's reader, as its load_lora_weights uses it (it converts other trainers' formats too);
+        # Flux answers (state, alphas, metadata), SD3 (state, metadata)
+        state, *_, metadata = _pipeline_cls(policy).lora_state_dict(str(directory), return_lora_metadata=True)
+        state = {k: v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
+        if not state:
+            raise CheckpointError(f"{directory}: no transformer LoRA weights in {LORA_FILE}")
         if getattr(transformer, "peft_config", None):
             result = set_peft_model_state_dict(transformer, {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items()})
             if getattr(result, "unexpected_keys", None):
                 raise CheckpointError(f"{directory}: LoRA keys not in this model, e.g. {result.unexpected_keys[0]!r}")
             return
-        transformer.load_lora_adapter(state, prefix="transformer", adapter_name="default", metadata=metadata)
+        transformer.load_lora_adapter(state, prefix="transformer", adapter_name="default", metadata=metadata or None)
     except CheckpointError:
         raise
-    except (RuntimeError, ValueError) as err:  # shapes or modules of another rank or model
+    except (KeyError, RuntimeError, ValueError) as err:  # shapes or modules of another rank or model
         raise CheckpointError(f"{directory}: LoRA weights do not fit this model ({_first_line(err)})") from None
     transformer.requires_grad_(False)
     transformer.to(next(transformer.parameters()).device)

@@ -29,7 +29,6 @@ from egrpo_ray.algo.sampler import Conditioning
 from egrpo_ray.models.base import Policy
 
 TRAINABLE_FILE = "trainable_state.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
 POLICY_META_FILE = "egrpo_policy.json"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,20 +146,6 @@ def add_lora(model: nn.Module, cfg: LoraConfig, param_dtype: torch.dtype = torch
         if ".lora_" in name:
             p.data = p.data.to(param_dtype)
             p.requires_grad_(True)
-
-
-def read_lora(pipeline_cls, directory: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
-    """A saved LoRA as diffusers reads it: (state dict with "transformer." keys, adapter metadata or None)."""
-    path = Path(directory)
-    if not path.exists():
-        raise FileNotFoundError(f"LoRA directory not found: {path}")
-    out = pipeline_cls.lora_state_dict(str(path), return_lora_metadata=True)
-    # FluxPipeline returns (state, alphas, metadata), StableDiffusion3Pipeline (state, metadata)
-    state, metadata = out[0], out[-1]
-    state = {k: v for k, v in state.items() if k.startswith("transformer.")}
-    if not state:
-        raise ValueError(f"{path}: no transformer LoRA weights found")
-    return state, metadata or None
 
 
 # -------------------------------------------------------------------------------------- safetensors
