@@ -368,7 +368,10 @@ def load_export(policy: nn.Module, checkpoint: str | Path) -> None:
     params = dict(policy.transformer.named_parameters())
     unknown = [k for k in state if k not in params]
     if unknown:
-        raise CheckpointError(f"{checkpoint}: {len(unknown)} transformer weights not in this model, e.g. {unknown[0]!r}")
+        hint = " (a full fine-tune's export: load it with model.lora.enabled=false)" if getattr(
+            policy.transformer, "peft_config", None) else ""
+        raise CheckpointError(f"{checkpoint}: {len(unknown)} transformer weights not in this model, e.g. "
+                              f"{unknown[0]!r}{hint}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(params[k].shape):
             raise CheckpointError(f"{checkpoint}: {k!r} has shape {tuple(v.shape)}, the model has {tuple(params[k].shape)}")

@@ -148,6 +148,16 @@ def tiny_lora(t: Path) -> Path:
     return t / "lora"
 
 
+def tiny_export(t: Path) -> Path:
+    """A checkpoint directory with a full fine-tune's export of the tiny model."""
+    from egrpo_ray.checkpoint import export_weights
+    from egrpo_ray.config import ModelConfig
+    from egrpo_ray.models import build_policy
+
+    export_weights(build_policy(ModelConfig(kind="tiny")), t / "ckpt", lora=False, dtype=torch.float32)
+    return t / "ckpt"
+
+
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 
@@ -243,6 +253,7 @@ CASES = [
     ("eval-lora-dir-without-lora", lambda t: (os.mkdir(t / "l"), evaluate(t, "--lora", str(t / "l")))[1], "no pytorch_lora_weights.safetensors"),
     ("eval-lora-of-another-rank", lambda t: evaluate(t, "--lora", str(tiny_lora(t)), sets=("model.lora.enabled=true", "model.lora.rank=2")), "size mismatch for transformer_blocks.0.attn.to_q.lora_A.default.weight"),
     ("eval-lora-of-other-modules", lambda t: evaluate(t, "--lora", str(tiny_lora(t)), sets=("model.lora.enabled=true", "model.lora.rank=4", "model.lora.target_modules=[to_q]")), "LoRA keys not in this model, e.g. 'transformer_blocks.0.attn.to_k.lora_A.weight'"),
+    ("eval-full-export-into-lora", lambda t: evaluate(t, "--checkpoint", str(tiny_export(t)), sets=("model.lora.enabled=true",)), "a full fine-tune's export: load it with model.lora.enabled=false"),
     ("eval-truncated-lora-dir", lambda t: evaluate(t, "--lora", str(lora_ckpt(t) / "lora")), "truncated safetensors file"),
     ("eval-device", lambda t: evaluate(t, "--device", "gpu0"), "--device 'gpu0': not a torch device"),
     ("eval-output-under-file", lambda t: ["eval", "--output-dir", str(write(t / "f", "x") / "eval")], "--output-dir"),
