@@ -309,10 +309,21 @@ def test_flux_hps_config_with_published_architecture(capsys):
 FLUX_BASELINES = ["flux-dancegrpo", "flux-flowgrpo", "flux-g2rpo", "flux-hps-clip", "flux-mixgrpo"]
 
 
-@pytest.mark.parametrize("name", ["flux-hps", "flux-hps-lora", *FLUX_BASELINES])
-def test_every_shipped_flux_config_fits_one_8_x_80_gib_node(name):
+@pytest.mark.parametrize("name", ["flux-hps", "flux-hps-lora", *FLUX_BASELINES, "sd35-hps"])
+def test_every_shipped_gpu_config_fits_one_8_x_80_gib_node(name):
     plan = plan_memory(load_config(ROOT / f"configs/{name}.yaml"))
     assert plan.fits and plan.gpus_needed == 8, [(g["workers"], g["bytes"] / GIB) for g in plan.gpus]
+
+
+def test_sd35_config_changes_only_the_model_from_flux_hps():
+    """SD3.5-large at 1024 px with guidance: every other setting is flux-hps's, so the two runs compare models."""
+    flux, sd35 = load_config(ROOT / "configs/flux-hps.yaml"), load_config(ROOT / "configs/sd35-hps.yaml")
+    assert (sd35.model.kind, sd35.model.resolution, sd35.model.cfg_scale) == ("sd3", 1024, 4.5)
+    for part in ("sampling", "algorithm", "rewards", "prompts", "rollout", "learner", "cluster"):
+        assert getattr(sd35, part) == getattr(flux, part), part
+    plan = plan_memory(sd35)
+    assert any("counted SD3.5-large's published architecture" in n for n in plan.notes), plan.notes
+    assert "120 rows a forward" in " ".join(plan.roles["rollout"].notes)  # flux-hps's 60, twice for guidance
 
 
 @pytest.mark.parametrize("name", FLUX_BASELINES)
