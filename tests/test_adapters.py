@@ -300,3 +300,23 @@ def test_branching_rollout_and_learner_step(kind, flux_path, sd3_path):
     assert abs(stats["ratio_mean_first"] - 1.0) < 1e-3  # on-policy: ratio 1
     after = pol.trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_shipped_sd35_config_trains_a_tiny_sd3(tmp_path):
+    """configs/sd35-hps.yaml's algorithm, schedule and guidance through the reference loop, on a tiny random SD3
+    (model path, size and dtype, the reward, prompts and scale overridden for a CPU): the ratio is exactly 1."""
+    from pathlib import Path
+
+    from egrpo_ray.config import load_config
+    from egrpo_ray.reference_loop import run_reference
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS + ["a blue car", "a city at night"]) + "\n")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sd35-hps.yaml", [
+        f"model.path={tiny.sd3_dir()}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=float32",
+        "model.master_dtype=null", "model.gradient_checkpointing=false", "rewards=[{name: jpeg}]",
+        f"prompts.train_path={prompts}", f"prompts.test_path={prompts}", "prompts.heldout_count=2",
+        "learner.workers=1", "learner.prompts_per_step=2", "learner.iterations=2", "learner.gradient_noise_buffer=device"])
+    assert cfg.model.cfg_scale == 4.5 and cfg.algorithm.group_size == 12
+    history = run_reference(cfg, progress=False)["history"]
+    assert len(history) == 2 and all(m["ratio_mean_first"] == 1.0 and m["learner_rows"] > 0 for m in history)
