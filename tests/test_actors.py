@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from egrpo_ray.config import ExperimentConfig, validate
-from egrpo_ray.distributed.actors import ReplayQueue, WeightStore
+from egrpo_ray.distributed.actors import ReplayQueue, WeightStore, version_taking
 from egrpo_ray.distributed.cluster import ClusterError, check_resources
 
 
@@ -37,6 +37,41 @@ def test_replay_queue_get_waits_for_a_put(ray_cluster):
     time.sleep(0.3)
     ray.get(q.put.remote(_item(0)))
     assert len(ray.get(pending, timeout=10)) == 1
+
+
+def test_version_taking_counts_whole_steps_first_in_first_out():
+    # 4 prompts a step, none taken yet under version 3: prompts 1-4 go to version 3, 5-8 to 4, 9 to 5
+    assert [version_taking(3, 0, 4, n) for n in (1, 4, 5, 8, 9)] == [3, 3, 4, 4, 5]
+    # 3 of version 3's 4 taken: the next prompt is its last, then version 4's
+    assert [version_taking(3, 3, 4, n) for n in (1, 2, 5, 6)] == [3, 4, 4, 5]
+    # the step is taken (the learner is updating): the next prompt goes to version 4
+    assert version_taking(3, 4, 4, 1) == 4
+
+
+def test_replay_queue_admits_only_batches_the_learner_takes_within_max_staleness(ray_cluster):
+    q = ReplayQueue.remote(capacity=8, max_staleness=0, prompts_per_step=4)
+
+    def admit(worker, version, timeout_s=0.0):
+        return ray.get(q.admit.remote(worker, version, 2, timeout_s))
+
+    assert admit(0, 0) == (True, 0) and admit(1, 0) == (True, 0)  # the step's 4 prompts are being sampled
+    assert admit(0, 0) == (True, 0)  # asking again replaces the worker's own admission
+    assert admit(2, 0) == (False, 0)  # a third batch would be version 1's: stale on arrival
+    assert ray.get([q.put.remote(_item(0, worker=w, prompts=2)) for w in (0, 1)]) == ["ok", "ok"]
+    assert len(ray.get(q.get.remote(4, 1.0))) == 2  # the learner takes the step and updates
+    assert admit(2, 0, timeout_s=0.2) == (False, 0)  # waited: still only version 1 takes anything
+    ray.get(q.set_learner_version.remote(1))
+    t0 = time.monotonic()
+    assert admit(2, 0, timeout_s=30.0) == (False, 1) and time.monotonic() - t0 < 10  # newer weights: no wait
+    assert admit(2, 1) == (True, 1) and admit(3, 1) == (True, 1)
+    assert admit(4, 1) == (False, 1)
+    ray.get(q.release.remote(3))  # worker 3 failed: its batch will not come
+    assert admit(4, 1) == (True, 1)
+    # one stale step allowed: version 1 may sample two steps ahead, not three
+    q1 = ReplayQueue.remote(capacity=8, max_staleness=1, prompts_per_step=2)
+    assert [ray.get(q1.admit.remote(w, 0, 2, 0.0))[0] for w in range(3)] == [True, True, False]
+    ray.get(q.close.remote())
+    assert admit(5, 1, timeout_s=30.0) == (False, 1)  # closed: nothing more is admitted
 
 
 def test_weight_store_owns_published_weights(ray_cluster):

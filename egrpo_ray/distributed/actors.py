@@ -21,6 +21,10 @@ class ReplayQueue:
 
     Bounded: ``put`` waits up to ``timeout_s`` for room, then answers "full" and the producer tries again
     (back-pressure). Items more than ``max_staleness`` versions behind the learner are dropped and counted.
+    Sampling only what will be used: a producer asks ``admit`` before it samples a batch. The queue is taken
+    first in, first out, ``prompts_per_step`` prompts per learner version, so it knows which version will take
+    a batch queued now (behind what is queued and what other producers are sampling); a batch that would be
+    too stale by then waits, or is sampled with newer weights, instead of being sampled and dropped.
     ``close`` stops producers and wakes every waiting call. ``produced_by_worker`` is each rollout worker's
     prompt cursor (the batches it has delivered): a restarted worker, or a resumed run, continues from it.
     Metrics (``run`` given): egrpo_queue_depth, egrpo_queue_dropped by cause (monitoring.py).
@@ -28,11 +32,13 @@ class ReplayQueue:
 
     DROP_COUNTS = dict(zip(QUEUE_DROP_CAUSES, ("dropped_stale", "dropped_stale_on_put", "dropped_on_learner_restart")))
 
-    def __init__(self, capacity: int, max_staleness: int, produced_by_worker: dict | None = None,
-                 run: str | None = None):
-        self.capacity, self.max_staleness = capacity, max_staleness
+    def __init__(self, capacity: int, max_staleness: int, prompts_per_step: int = 1,
+                 produced_by_worker: dict | None = None, run: str | None = None):
+        self.capacity, self.max_staleness, self.prompts_per_step = capacity, max_staleness, prompts_per_step
         self.items: deque = deque()
         self.learner_version = 0
+        self.taken_at_version = 0  # prompts the learner has taken under its current version
+        self.sampling: dict[int, int] = {}  # producer -> prompts of the admitted batch it is sampling
         self.min_version = 0  # after a learner restart, groups sampled by the abandoned weights are refused
         self.closed = False
         self.counts = Counter()
@@ -56,11 +62,42 @@ class ReplayQueue:
             except asyncio.TimeoutError:
                 pass
 
+    def _taken_by(self, ahead: int, num_prompts: int) -> int:
+        """The learner version that takes a batch of ``num_prompts`` queued behind ``ahead`` prompts."""
+        return version_taking(self.learner_version, self.taken_at_version, self.prompts_per_step, ahead + num_prompts)
+
+    def _admissible(self, worker: int, version: int, num_prompts: int) -> bool:
+        ahead = self._prompts() + sum(n for w, n in self.sampling.items() if w != worker)
+        return self._taken_by(ahead, num_prompts) - version <= self.max_staleness
+
+    async def admit(self, worker: int, version: int, num_prompts: int, timeout_s: float) -> tuple[bool, int]:
+        """(admitted, learner version). Admitted: a batch ``worker`` samples now with ``version`` will be taken
+        within max_staleness (counted until its put). Waits up to ``timeout_s`` for that, returning early
+        when the learner has newer weights than ``version``: the producer loads them and asks again."""
+        async with self.changed:
+            await self._wait(lambda: self.closed or self.learner_version > version
+                             or self._admissible(worker, version, num_prompts), timeout_s)
+            admitted = not self.closed and self._admissible(worker, version, num_prompts)
+            if admitted:
+                self.sampling[worker] = num_prompts
+            return admitted, self.learner_version
+
+    async def release(self, worker: int) -> None:
+        """``worker`` will not deliver the batch it was admitted for (it failed)."""
+        async with self.changed:
+            self.sampling.pop(worker, None)
+            self.changed.notify_all()
+
     async def put(self, item, timeout_s: float = 0.0) -> str:
         """"ok", "stale" (sampled by weights the learner has left behind), "full" (no room within
         ``timeout_s``) or "closed"."""
         async with self.changed:
             await self._wait(lambda: self.closed or self._stale(item) or len(self.items) < self.capacity, timeout_s)
+            if len(self.items) >= self.capacity and not (self.closed or self._stale(item)):
+                self.counts["rejected_full"] += 1
+                return "full"  # still the producer's: its admission holds
+            self.sampling.pop(item.worker, None)
+            self.changed.notify_all()
             if self.closed:
                 return "closed"
             if self._stale(item):
@@ -68,18 +105,16 @@ class ReplayQueue:
                 self.produced_by_worker[item.worker] += 1
                 self._publish_metrics()
                 return "stale"
-            if len(self.items) >= self.capacity:
-                self.counts["rejected_full"] += 1
-                return "full"
             self.items.append(item)
             self.counts["accepted"] += 1
             self.produced_by_worker[item.worker] += 1
             self._publish_metrics()
-            self.changed.notify_all()
             return "ok"
 
     async def set_learner_version(self, version: int) -> None:
         async with self.changed:
+            if version != self.learner_version:
+                self.taken_at_version = 0
             self.learner_version = version
             self._drop_stale()
             self.changed.notify_all()
@@ -90,6 +125,7 @@ class ReplayQueue:
             self.counts["dropped_on_learner_restart"] += len(self.items)
             self.items.clear()
             self.learner_version = self.min_version = version
+            self.taken_at_version = 0
             self._publish_metrics()
             self.changed.notify_all()
 
@@ -116,6 +152,7 @@ class ReplayQueue:
                 out.append(self.items.popleft())
                 got += out[-1].num_prompts
             self.counts["delivered"] += len(out)
+            self.taken_at_version += got
             self._publish_metrics()
             self.changed.notify_all()  # room for waiting producers
             return out
@@ -222,10 +259,19 @@ def _actor_name(run: str, role: str) -> str:
     return f"{run}-{role}"
 
 
-def start_run_actors(run: str, queue_capacity: int, max_staleness: int, produced_by_worker: dict | None = None):
+def version_taking(learner_version: int, taken_at_version: int, prompts_per_step: int, through: int) -> int:
+    """The learner version that takes the queue's prompt number ``through`` (1-based, first in first out), when
+    the learner has taken ``taken_at_version`` prompts under ``learner_version`` and takes ``prompts_per_step``
+    per version."""
+    past = through - max(0, prompts_per_step - taken_at_version)  # beyond what the current version still takes
+    return learner_version if past <= 0 else learner_version + 1 + (past - 1) // prompts_per_step
+
+
+def start_run_actors(run: str, queue_capacity: int, max_staleness: int, prompts_per_step: int = 1,
+                     produced_by_worker: dict | None = None):
     """(queue, weight store, run log) for ``run``, named so that ``run_actors(run)`` finds them."""
     queue = ReplayQueue.options(name=_actor_name(run, "queue")).remote(queue_capacity, max_staleness,
-                                                                       produced_by_worker, run=run)
+                                                                       prompts_per_step, produced_by_worker, run=run)
     store = WeightStore.options(name=_actor_name(run, "weights")).remote()
     log = RunLog.options(name=_actor_name(run, "log")).remote(run=run)
     return queue, store, log

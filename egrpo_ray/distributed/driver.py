@@ -201,7 +201,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
         validate_on_cluster(cfg)
         done_batches = meta.get("prompt_batches_by_worker", {})
         queue, store, log = start_run_actors(cfg.cluster.run_name, cfg.learner.queue_capacity,
-                                             cfg.learner.max_staleness, done_batches)
+                                             cfg.learner.max_staleness, cfg.learner.prompts_per_step, done_batches)
         # Actors and the learner start (imports, model load) while Serve deploys the rewards: start-up overlaps.
         workers = [
             RolloutWorker.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,

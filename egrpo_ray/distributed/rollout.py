@@ -176,14 +176,18 @@ class RolloutWorker:
         if self.runs:  # the loop failed and is given back: the batch it was on is redone
             self._position(ray.get(self.queue.produced.remote(self.index)))
         self.runs += 1
-        need = 0
+        need, batch = 0, self.cfg.rollout.prompts_per_batch
         while not ray.get(self.queue.is_closed.remote()):
             self.sync_weights(need)
             if self.version < 0:
                 break
+            admitted, learner_version = ray.get(self.queue.admit.remote(self.index, self.version, batch, PUT_WAIT_S))
+            if not admitted:  # sampled now, the batch would go stale in the queue: newer weights first, or wait
+                need = learner_version if learner_version > self.version else 0
+                continue
             t0 = time.perf_counter()
             generator = torch.Generator().manual_seed(batch_seed(self.cfg.seed, self.index, self.batches))
-            prompts = self.cursor.take(self.cfg.rollout.prompts_per_batch)
+            prompts = self.cursor.take(batch)
             item = sample_and_score(self.policy, self.strategy, prompts, reward_fn, generator,
                                     iteration=self.version, policy_version=self.version, worker=self.index,
                                     max_batch=self.cfg.rollout.max_batch_rows)
@@ -249,6 +253,7 @@ class RolloutFleet:
     def _failed(self, i: int, err: Exception) -> None:
         if ray.get(self.queue.is_closed.remote()):
             return  # the run is ending: nothing to restart
+        self.queue.release.remote(i)  # the batch it was sampling will not come
         died = isinstance(err, ray.exceptions.RayActorError)
         what = "died" if died else f"failed ({_first_line(err)})"
         if self.restarts[i] >= self.cfg.rollout.max_restarts:
