@@ -67,9 +67,13 @@ def test_replay_queue_admits_only_batches_the_learner_takes_within_max_staleness
     assert admit(4, 1) == (False, 1)
     ray.get(q.release.remote(3))  # worker 3 failed: its batch will not come
     assert admit(4, 1) == (True, 1)
-    # one stale step allowed: version 1 may sample two steps ahead, not three
+    # one stale step allowed: version 0 may sample two steps ahead, not three
     q1 = ReplayQueue.remote(capacity=8, max_staleness=1, prompts_per_step=2)
     assert [ray.get(q1.admit.remote(w, 0, 2, 0.0))[0] for w in range(3)] == [True, True, False]
+    # ... unless the run ends first: with one step left, nothing for a version that never comes
+    q2 = ReplayQueue.remote(capacity=8, max_staleness=1, prompts_per_step=2)
+    ray.get(q2.set_learner_version.remote(0, 1))
+    assert [ray.get(q2.admit.remote(w, 0, 2, 0.0))[0] for w in range(2)] == [True, False]
     ray.get(q.close.remote())
     assert admit(5, 1, timeout_s=30.0) == (False, 1)  # closed: nothing more is admitted
 

@@ -38,6 +38,7 @@ class ReplayQueue:
         self.items: deque = deque()
         self.learner_version = 0
         self.taken_at_version = 0  # prompts the learner has taken under its current version
+        self.last_version: int | None = None  # the last version that takes anything (the run's last step)
         self.sampling: dict[int, int] = {}  # producer -> prompts of the admitted batch it is sampling
         self.min_version = 0  # after a learner restart, groups sampled by the abandoned weights are refused
         self.closed = False
@@ -68,7 +69,8 @@ class ReplayQueue:
 
     def _admissible(self, worker: int, version: int, num_prompts: int) -> bool:
         ahead = self._prompts() + sum(n for w, n in self.sampling.items() if w != worker)
-        return self._taken_by(ahead, num_prompts) - version <= self.max_staleness
+        taker = self._taken_by(ahead, num_prompts)
+        return taker - version <= self.max_staleness and (self.last_version is None or taker <= self.last_version)
 
     async def admit(self, worker: int, version: int, num_prompts: int, timeout_s: float) -> tuple[bool, int]:
         """(admitted, learner version). Admitted: a batch ``worker`` samples now with ``version`` will be taken
@@ -111,11 +113,14 @@ class ReplayQueue:
             self._publish_metrics()
             return "ok"
 
-    async def set_learner_version(self, version: int) -> None:
+    async def set_learner_version(self, version: int, steps_left: int | None = None) -> None:
+        """The learner's weights are now ``version``; with ``steps_left``, it takes that many more steps."""
         async with self.changed:
             if version != self.learner_version:
                 self.taken_at_version = 0
             self.learner_version = version
+            if steps_left is not None:
+                self.last_version = version + steps_left - 1
             self._drop_stale()
             self.changed.notify_all()
 
@@ -125,7 +130,7 @@ class ReplayQueue:
             self.counts["dropped_on_learner_restart"] += len(self.items)
             self.items.clear()
             self.learner_version = self.min_version = version
-            self.taken_at_version = 0
+            self.taken_at_version, self.last_version = 0, None  # until the restarted learner says
             self._publish_metrics()
             self.changed.notify_all()
 

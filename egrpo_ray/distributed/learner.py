@@ -259,7 +259,7 @@ class Learner:
     def publish(self) -> None:
         self.publisher.publish(self.version, self.policy)
         if self.rank == 0:
-            ray.get(self.queue.set_learner_version.remote(self.version))
+            ray.get(self.queue.set_learner_version.remote(self.version, self.cfg.learner.iterations - self.step))
 
     def record(self, metrics: dict, items: list, timings: dict[str, float]) -> None:
         if self.rank != 0:
