@@ -48,6 +48,10 @@ def test_end_to_end_improves_reward_and_advances_versions(first_run):
     assert summary["gradient_signal"]["pairs"] == 3
     # training-prompt reward improves: fixed training prompts, fixed noise, before vs after
     assert summary["train_probe_reward_after"] > summary["train_probe_reward_before"] + 0.01, summary
+    # the workers sampled only what the learner learned from: on-policy, nothing dropped, nothing past the last step
+    queue = summary["queue"]
+    assert queue.get("dropped_stale", 0) == queue.get("dropped_stale_on_put", 0) == 0, queue
+    assert sum(w["images"] for w in summary["rollout_workers"]) == sum(r["samples"] for r in records)
     # rollout workers loaded newer weights as the learner published them
     for w in summary["rollout_workers"]:
         assert w["versions_loaded"] == sorted(w["versions_loaded"]) and len(set(w["versions_loaded"])) >= 3

@@ -458,6 +458,9 @@ def run(args: argparse.Namespace) -> int:
     resumed = f" ({ran} this run, resumed from {Path(summary['resumed_from']).name})" if summary["resumed_from"] else ""
     print(f"\ndone in {summary['wall_seconds']:.0f} s: {steps} learner steps{resumed}")
     print(*change_lines(summary), sep="\n")
+    queue = summary["queue"]
+    print(f"rollout: {sum(w['images'] for w in summary['rollout_workers'])} images sampled, "
+          f"{queue.get('dropped_stale', 0) + queue.get('dropped_stale_on_put', 0)} batches dropped as too stale")
     if summary.get("gradient_signal"):
         print(describe_signal(summary["gradient_signal"]))
     failures = {k: v for k, v in summary["failures"].items() if v}
