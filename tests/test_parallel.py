@@ -64,11 +64,9 @@ def _init_group(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
+def _two_rank_updates(rank: int, out: str, lora: bool) -> None:
     """Each rank takes half of every minibatch's rows; step 1, checkpoint, step 2."""
-    torch.set_num_threads(1)
     torch.manual_seed(0)  # LoRA's A matrices are drawn at build: the same on every rank, as the learner seeds
-    _init_group(rank, 2, port)
     policy = build_policy(_model_cfg(lora))
     fn = prepare_for_training(policy, "fsdp", torch.float32, torch.device("cpu"))
     optimizer = _optimizer(policy)
@@ -83,16 +81,34 @@ def _two_rank_run(rank: int, port: int, out: str, lora: bool) -> None:
         torch.save({"after_one": after_one, "after_two": after_two, "noise": {**first, **second}},
                    os.path.join(out, "weights.pt"))
     dist.barrier()
+
+
+def _two_rank_run(rank: int, port: int, out: str) -> None:
+    """The full fine-tune, then LoRA, in one process group (one start-up of the two processes)."""
+    torch.set_num_threads(1)
+    _init_group(rank, 2, port)
+    for lora in (False, True):
+        _two_rank_updates(rank, os.path.join(out, _variant(lora)), lora)
     dist.destroy_process_group()
     # About 1 exit in 10 after a sharded checkpoint aborted in C++ teardown ("terminate called without an
     # active exception") once all the work above was done and saved: leave without running it.
     os._exit(0)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
-def two_rank(request, tmp_path_factory):
+def _variant(lora: bool) -> str:
+    return "lora" if lora else "full"
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_two_rank_run, args=(free_port(), str(out), request.param), nprocs=2, join=True)
+    mp.spawn(_two_rank_run, args=(free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.fixture(params=[False, True], ids=["full", "lora"])
+def two_rank(request, two_rank_runs):
+    out = two_rank_runs / _variant(request.param)
     return request.param, out, torch.load(out / "weights.pt", weights_only=True)
 
 
