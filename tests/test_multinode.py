@@ -21,7 +21,7 @@ from egrpo_ray.distributed.cluster import ClusterError, check_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "multinode_run.py"
-TIMEOUT_S = 360  # about 90 s on 2 cores; the margin is for a loaded box
+TIMEOUT_S = 360  # 130-165 s on 2 cores (2026-12); the margin is for a loaded box
 PLACED = {"rollout": {"rollout_node": 2}, "learner": {"learner_node": 2}, "reward": {"reward_node": 1}}
 RESUME_PLACED = {**PLACED, "learner": {"learner_node": 1}}  # the resume runs 1 DDP rank
 
