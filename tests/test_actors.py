@@ -78,6 +78,22 @@ def test_replay_queue_admits_only_batches_the_learner_takes_within_max_staleness
     assert admit(5, 1, timeout_s=30.0) == (False, 1)  # closed: nothing more is admitted
 
 
+def test_replay_queue_never_starves_a_learner_waiting_for_prompts(ray_cluster):
+    """Batches of 3 prompts, 2 learner ranks taking 1 prompt each a step: rank 0 takes a whole batch (3 prompts,
+    2 more than its share), so by the count the step is served; rank 1 still waits, and a batch with the
+    current weights is admitted for it (on-policy, the count alone would wait for a version that never comes)."""
+    q = ReplayQueue.remote(capacity=8, max_staleness=0, prompts_per_step=2)
+    assert ray.get(q.admit.remote(0, 0, 3, 0.0)) == (True, 0)
+    assert ray.get(q.put.remote(_item(0, worker=0, prompts=3))) == "ok"
+    assert len(ray.get(q.get.remote(1, 1.0))) == 1  # rank 0: the whole batch
+    assert ray.get(q.admit.remote(0, 0, 3, 0.0)) == (False, 0)  # nobody waits: by the count, version 1's
+    rank1 = q.get.remote(1, 30.0)
+    assert ray.get(q.admit.remote(0, 0, 3, 10.0)) == (True, 0)  # rank 1 waits for a prompt nobody samples
+    assert ray.get(q.admit.remote(1, 0, 3, 0.2)) == (False, 0)  # one batch is enough for it
+    assert ray.get(q.put.remote(_item(0, worker=0, prompts=3))) == "ok"
+    assert len(ray.get(rank1, timeout=10)) == 1
+
+
 def test_weight_store_owns_published_weights(ray_cluster):
     import torch
 

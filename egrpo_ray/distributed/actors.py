@@ -24,7 +24,10 @@ class ReplayQueue:
     Sampling only what will be used: a producer asks ``admit`` before it samples a batch. The queue is taken
     first in, first out, ``prompts_per_step`` prompts per learner version, so it knows which version will take
     a batch queued now (behind what is queued and what other producers are sampling); a batch that would be
-    too stale by then waits, or is sampled with newer weights, instead of being sampled and dropped.
+    too stale by then waits, or is sampled with newer weights, instead of being sampled and dropped. When the
+    learner waits for more prompts than are queued and being sampled, a batch with its current weights is
+    admitted whatever the count says: a step's prompts need not come in whole batches (the learner takes whole
+    items, and a rank keeps what it took beyond its share), and the count must never starve the learner.
     ``close`` stops producers and wakes every waiting call. ``produced_by_worker`` is each rollout worker's
     prompt cursor (the batches it has delivered): a restarted worker, or a resumed run, continues from it.
     Metrics (``run`` given): egrpo_queue_depth, egrpo_queue_dropped by cause (monitoring.py).
@@ -40,6 +43,7 @@ class ReplayQueue:
         self.taken_at_version = 0  # prompts the learner has taken under its current version
         self.last_version: int | None = None  # the last version that takes anything (the run's last step)
         self.sampling: dict[int, int] = {}  # producer -> prompts of the admitted batch it is sampling
+        self.wanted = 0  # prompts that learner ranks are waiting for
         self.min_version = 0  # after a learner restart, groups sampled by the abandoned weights are refused
         self.closed = False
         self.counts = Counter()
@@ -63,13 +67,12 @@ class ReplayQueue:
             except asyncio.TimeoutError:
                 pass
 
-    def _taken_by(self, ahead: int, num_prompts: int) -> int:
-        """The learner version that takes a batch of ``num_prompts`` queued behind ``ahead`` prompts."""
-        return version_taking(self.learner_version, self.taken_at_version, self.prompts_per_step, ahead + num_prompts)
-
-    def _admissible(self, worker: int, version: int, num_prompts: int) -> bool:
+    def _admissible(self, worker: int, version: int) -> bool:
         ahead = self._prompts() + sum(n for w, n in self.sampling.items() if w != worker)
-        taker = self._taken_by(ahead, num_prompts)
+        if ahead < self.wanted and version == self.learner_version:
+            return True  # the learner is waiting for prompts no one else is sampling
+        # the learner takes whole items: the batch goes to the version that needs its first prompt
+        taker = version_taking(self.learner_version, self.taken_at_version, self.prompts_per_step, ahead + 1)
         return taker - version <= self.max_staleness and (self.last_version is None or taker <= self.last_version)
 
     async def admit(self, worker: int, version: int, num_prompts: int, timeout_s: float) -> tuple[bool, int]:
@@ -78,8 +81,8 @@ class ReplayQueue:
         when the learner has newer weights than ``version``: the producer loads them and asks again."""
         async with self.changed:
             await self._wait(lambda: self.closed or self.learner_version > version
-                             or self._admissible(worker, version, num_prompts), timeout_s)
-            admitted = not self.closed and self._admissible(worker, version, num_prompts)
+                             or self._admissible(worker, version), timeout_s)
+            admitted = not self.closed and self._admissible(worker, version)
             if admitted:
                 self.sampling[worker] = num_prompts
             return admitted, self.learner_version
@@ -148,7 +151,12 @@ class ReplayQueue:
         [] on timeout or close."""
         async with self.changed:
             self._drop_stale()
-            await self._wait(lambda: self.closed or self._prompts() >= num_prompts, timeout_s)
+            self.wanted += num_prompts
+            self.changed.notify_all()  # producers may be waiting for admission
+            try:
+                await self._wait(lambda: self.closed or self._prompts() >= num_prompts, timeout_s)
+            finally:
+                self.wanted -= num_prompts
             self._drop_stale()
             if self._prompts() < num_prompts:
                 return []
