@@ -459,8 +459,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ndone in {summary['wall_seconds']:.0f} s: {steps} learner steps{resumed}")
     print(*change_lines(summary), sep="\n")
     queue = summary["queue"]
+    dropped = queue.get("dropped_stale", 0) + queue.get("dropped_stale_on_put", 0)
     print(f"rollout: {sum(w['images'] for w in summary['rollout_workers'])} images sampled, "
-          f"{queue.get('dropped_stale', 0) + queue.get('dropped_stale_on_put', 0)} batches dropped as too stale")
+          f"{dropped} {'batch' if dropped == 1 else 'batches'} dropped as too stale")
     if summary.get("gradient_signal"):
         print(describe_signal(summary["gradient_signal"]))
     failures = {k: v for k, v in summary["failures"].items() if v}
