@@ -1,10 +1,9 @@
 """Faults and stops of the Ray service on the tiny model, on a real local Ray cluster (2 cores):
 a SIGKILLed rollout worker is restarted (and, with collective weight sync, the learner with it), a SIGKILLed
 reward replica replaced, and a SIGKILLed learner worker makes Ray Train restart the group from the latest
-checkpoint, and the run finishes with every step; a reward
-that cannot start, or rollout workers that do not start in time, end the run in one line; Ctrl-C (SIGINT) on
-the CLI checkpoints the current step and exits 130, and --resume then finishes with exactly one metrics line
-per step."""
+checkpoint, and the run finishes with every step; a reward that cannot start, or rollout workers that do not
+start in time, end the run in one line; Ctrl-C (SIGINT) on the CLI checkpoints the current step of a 2-rank
+FSDP learner and exits 130, and --resume on 1 DDP rank then finishes with exactly one metrics line per step."""
 import json
 import os
 import re
@@ -164,9 +163,11 @@ def test_rollout_workers_that_do_not_start_in_time_end_the_run_in_one_line(ray_c
 
 
 def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, tmp_path):
+    """Ctrl-C stops a 2-rank FSDP run after the current step's checkpoint (both ranks' shards); --resume continues
+    on 1 DDP rank (the checkpoint resharded on load) with rollout workers started from the checkpoint's weights."""
     out = tmp_path / "sigint"
-    cmd = _cli_train(ROOT / "configs" / "tiny.yaml", out,
-                     SMALL[:-2] + [f"learner.iterations={STEPS}", "learner.checkpoint_every=4"])
+    sets = SMALL[:-2] + [f"learner.iterations={STEPS}", "learner.checkpoint_every=4"]
+    cmd = _cli_train(ROOT / "configs" / "tiny.yaml", out, sets + ["learner.workers=2", "learner.parallelism=fsdp"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     _wait_for_step(out, 2, proc)
@@ -175,12 +176,16 @@ def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, t
     assert proc.returncode == 130, text[-3000:]
     stopped = max(_steps(out))
     assert f"interrupted at step {stopped}; resume with --resume" in text
-    assert (out / "checkpoints" / f"step_{stopped:06d}").is_dir()  # the stop wrote the current step
+    stop_checkpoint = out / "checkpoints" / f"step_{stopped:06d}"  # the stop wrote the current step
+    assert sorted(p.name for p in (stop_checkpoint / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    stopped_version = json.loads((stop_checkpoint / "meta.json").read_text())["policy_version"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["exit_code"] == 130 and not summary["completed"]
     before = summary["heldout_reward_before"]
 
-    resumed = subprocess.run(cmd + ["--resume"], check=False, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    resume = _cli_train(ROOT / "configs" / "tiny.yaml", out, sets + ["learner.workers=1", "learner.parallelism=ddp"])
+    resumed = subprocess.run(resume + ["--resume"], check=False, env=env, capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert _steps(out) == list(range(1, STEPS + 1))
     summary = json.loads((out / "summary.json").read_text())
@@ -188,6 +193,10 @@ def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, t
     assert re.search(r"^rollout: \d+ images sampled, \d+ batch(es)? dropped as too stale$", resumed.stdout, re.M)
     assert f"{STEPS} learner steps ({STEPS - stopped} this run, resumed from step_{stopped:06d})" in resumed.stdout
     assert summary["heldout_reward_before"] == before  # the base model's, not the checkpoint's
+    # the resumed workers wait without weights: the first they load are the checkpoint's
+    assert all(w["versions_loaded"][0] == stopped_version for w in summary["rollout_workers"]), summary["rollout_workers"]
+    meta = json.loads((out / "checkpoints" / f"step_{STEPS:06d}" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["parallelism"] == "ddp"
 
 
 # -- the pieces, without a cluster (milliseconds) ---------------------------------------------------------
