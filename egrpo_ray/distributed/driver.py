@@ -51,9 +51,10 @@ FAILURE_KINDS = ("rollout_restarts", "rollout_lost", "reward_retries", "learner_
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-# How long a failed start waits for fit() to return (the learner may still be loading its model); past it the
-# learner is left to Ray, which ends it with the driver.
-ABANDON_WAIT_S = 120.0
+# How long a failed start waits for fit() to return: a learner already waiting for the start ends within a
+# second. One still starting (Train's worker group, the model load: minutes for FLUX) is left to Ray, which
+# ends it with the driver; waiting for it to load only to stop would delay the error.
+ABANDON_WAIT_S = 5.0
 
 # learner.backend -> the process group's. NCCL reduces CUDA tensors only ("No backend type associated with
 # device type cpu"); the learner's CPU reductions (learner.py: minibatch counts, metrics) need gloo beside it.
@@ -323,7 +324,8 @@ def _request_stop(log, queue) -> None:
 
 def _abandon_start(log, queue, workers: list, learner: _Background) -> None:
     """A start that failed: stop the rollout workers (actors still loading when the driver exits abort with
-    native stack dumps) and the learner, which ends without a step once it reaches its wait for the start."""
+    native stack dumps) and ask the learner to stop; it ends without a step if it reaches its wait for the
+    start within ABANDON_WAIT_S."""
     import ray
 
     _request_stop(log, queue)
