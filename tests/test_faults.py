@@ -145,7 +145,7 @@ def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_pa
     passes the up-front checks; Serve gives its application up after start_attempts (1: Serve's own rule would
     load it 3 times) while Train starts the learner. The run ends with one line naming the reward and the
     replica's error; the learner, told to stop while still starting, is ended with the driver, and no traceback
-reaches the console."""
+    reaches the console."""
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text("{}")
     (tmp_path / "run.yaml").write_text(f"rewards:\n  - {{name: clip, path: {tmp_path / 'clip'}, start_attempts: 1}}\n")
