@@ -1,6 +1,8 @@
 """Monitoring: the run's metrics go through Ray's metrics agent; a real Prometheus finds a live run's embedded
-cluster through the targets file the driver writes, and every Grafana panel's query answers. The run then ends
-(SIGTERM, as `ray job stop` sends, or on its own) and leaves no process of its cluster and no temp dir behind.
+cluster through the targets file the driver writes, and every Grafana panel's query answers. The same run is
+private: its processes listen on loopback only, beyond the allow-list of docs/network.md, and Ray's token auth
+is on with a 0600 token in its own temp dir. The run then ends (SIGTERM, as `ray job stop` sends, or on its own)
+and leaves no process of its cluster and no temp dir behind.
 
 The live run sets RAY_metrics_report_interval_ms=1000 (Ray's default is 10 s) so that the run's figures reach
 Prometheus within its few seconds of training."""
@@ -19,7 +21,7 @@ import pytest
 from egrpo_ray.config import ConfigError, load_config
 from egrpo_ray.distributed.cluster import free_port
 from egrpo_ray.monitoring import METRICS
-from run_processes import RunProcesses
+from run_processes import ALLOWED_NON_LOOPBACK, RunProcesses, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "egrpo-dashboard.json"
@@ -105,8 +107,11 @@ def test_prometheus_scrapes_a_live_run_and_every_panel_query_answers(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "run"
     overrides = ["learner.iterations=5", "logging.grid_every=1000", "prompts.heldout_count=2", "sampling.steps=8",
-                 "algorithm.group_size=4", f"cluster.run_name={RUN}", f"logging.prometheus_targets_dir={targets}"]
+                 "algorithm.group_size=4", f"cluster.run_name={RUN}", f"logging.prometheus_targets_dir={targets}",
+                 "rollout.weight_sync=collective"]  # its group's rendezvous is one more listener to check
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_metrics_report_interval_ms": "1000"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log_file:  # a file, not a pipe: nothing reads the run's output while it runs
         run = subprocess.Popen([sys.executable, "-m", "egrpo_ray.cli", "train", "--output-dir", str(out),
@@ -135,7 +140,13 @@ def test_prometheus_scrapes_a_live_run_and_every_panel_query_answers(tmp_path):
         assert f"{RUN}.json" in log and "prometheus_targets.json" in log  # the driver says where the targets are
         assert "core_worker.cc" not in log, log[-3000:]  # Ray's actor-restart caveat (#53727) stays off the console
         assert not (targets / f"{RUN}.json").exists() and not (out / "prometheus_targets.json").exists()
-        assert processes.temp_dir, "no embedded cluster found"
+        assert processes.temp_dir and processes.temp_dir.startswith("/tmp/egrpo_ray_"), processes.temp_dir
+        assert processes.token_mode == 0o600, oct(processes.token_mode or 0)  # token auth on, token private
+        assert any(n.startswith("ray::RayTrainWorker") for n in processes.all_names()), processes.all_names()
+        assert {"gcs_server", "raylet"} <= {name for name, *_ in processes.listeners}  # the looks saw the cluster
+        exposed = processes.exposed()
+        assert not exposed, f"listening beyond loopback, not in docs/network.md ({sorted(ALLOWED_NON_LOOPBACK)}): {exposed}"
+        print(*sorted(l for l in processes.listeners if not is_loopback(l[2])), sep="\n")
         left = processes.left_after(5)
         assert not left, f"5 s after the run ended these processes of its cluster (or its temp dir) remain: {left}"
     finally:
