@@ -44,7 +44,9 @@ def one_run(tree: str, overrides: list[str]) -> None:
     queue = summary["queue"]
     print(json.dumps({"wall_s": time.perf_counter() - t0, "startup_s": summary["startup_s"],
                       "sampled": sum(w["images"] for w in summary["rollout_workers"]),
-                      "dropped": queue.get("dropped_stale", 0) + queue.get("dropped_stale_on_put", 0)}), flush=True)
+                      # a baseline before 2026-12-07 lacks dropped_as_stale
+                      "dropped": queue.get("dropped_as_stale", queue.get("dropped_stale", 0)
+                                           + queue.get("dropped_stale_on_put", 0))}), flush=True)
     ray.shutdown()
 
 

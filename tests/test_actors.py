@@ -27,6 +27,7 @@ def test_replay_queue_bounds_staleness_and_counts(ray_cluster):
     assert ray.get(q.put.remote(_item(0))) == "stale"
     stats = ray.get(q.stats.remote())
     assert stats["rejected_full"] == 1 and stats["dropped_stale"] == 1 and stats["dropped_stale_on_put"] == 1
+    assert stats["dropped_as_stale"] == 2  # what `train` reports
     ray.get(q.close.remote())
     assert ray.get(q.put.remote(_item(2))) == "closed"
 

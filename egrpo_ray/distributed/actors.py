@@ -188,6 +188,7 @@ class ReplayQueue:
 
     def stats(self) -> dict:
         return {"depth": len(self.items), "learner_version": self.learner_version, **self.counts,
+                "dropped_as_stale": self.counts["dropped_stale"] + self.counts["dropped_stale_on_put"],
                 "produced_by_worker": dict(self.produced_by_worker)}
 
 

@@ -460,8 +460,7 @@ def run(args: argparse.Namespace) -> int:
     resumed = f" ({ran} this run, resumed from {Path(summary['resumed_from']).name})" if summary["resumed_from"] else ""
     print(f"\ndone in {summary['wall_seconds']:.0f} s: {steps} learner steps{resumed}")
     print(*change_lines(summary), sep="\n")
-    queue = summary["queue"]
-    dropped = queue.get("dropped_stale", 0) + queue.get("dropped_stale_on_put", 0)
+    dropped = summary["queue"]["dropped_as_stale"]
     print(f"rollout: {sum(w['images'] for w in summary['rollout_workers'])} images sampled, "
           f"{dropped} {'batch' if dropped == 1 else 'batches'} dropped as too stale")
     if summary.get("gradient_signal"):

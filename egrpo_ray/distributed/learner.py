@@ -271,7 +271,7 @@ class Learner:
             step=self.step, policy_version=self.version, staleness_mean=sum(staleness) / len(staleness),
             staleness_max=max(staleness), queue_depth=qstats["depth"], step_seconds=now - self.t_last,
             images_per_s=metrics["samples"] / max(now - self.t_last, 1e-9),
-            dropped_stale=qstats.get("dropped_stale", 0) + qstats.get("dropped_stale_on_put", 0), **timings,
+            dropped_stale=qstats["dropped_as_stale"], **timings,
         )
         self.t_last = now
         self.log.record.remote(metrics)

@@ -33,7 +33,7 @@ from egrpo_ray.monitoring import RoleMetrics
 from egrpo_ray.prompts import PromptCursor, prompt_splits
 from egrpo_ray.training import sample_and_score
 
-PUT_WAIT_S = 30.0  # a put waits this long for room (back-pressure) before trying again
+QUEUE_WAIT_S = 30.0  # a put waits this long for room (back-pressure), an admission for its turn, then tries again
 
 
 def retrying(reward_fn, retries: int, report: Callable[[str], None], who: str):
@@ -181,7 +181,7 @@ class RolloutWorker:
             self.sync_weights(need)
             if self.version < 0:
                 break
-            admitted, learner_version = ray.get(self.queue.admit.remote(self.index, self.version, batch, PUT_WAIT_S))
+            admitted, learner_version = ray.get(self.queue.admit.remote(self.index, self.version, batch, QUEUE_WAIT_S))
             if not admitted:  # sampled now, the batch would go stale in the queue: newer weights first, or wait
                 need = learner_version if learner_version > self.version else 0
                 continue
@@ -196,9 +196,9 @@ class RolloutWorker:
             self.busy_seconds += time.perf_counter() - t0
             self.metrics.observe("egrpo_rollout_sampler_seconds", time.perf_counter() - t0)
             self.metrics.inc("egrpo_rollout_images", len(item.rollout.final_latents))
-            status = ray.get(self.queue.put.remote(item, PUT_WAIT_S))
+            status = ray.get(self.queue.put.remote(item, QUEUE_WAIT_S))
             while status == "full":  # back-pressure: the put waits for the learner to take some
-                status = ray.get(self.queue.put.remote(item, PUT_WAIT_S))
+                status = ray.get(self.queue.put.remote(item, QUEUE_WAIT_S))
             if status == "ok":
                 self.metrics.inc("egrpo_rollout_groups", item.num_prompts)
             if self.metrics.enabled:
