@@ -1,10 +1,7 @@
 """The processes of an `egrpo-ray train` run with its own embedded cluster, followed from outside: the driver,
 its descendants and anything naming the run's temp dir (orphans of a dead driver), the TCP sockets they listen
 on, and the mode of the run's auth token. Used by tests/test_network.py (a SIGKILLed driver) and
-tests/test_monitoring.py (a run that ends on its own or on SIGTERM).
-
-ALLOWED_NON_LOOPBACK mirrors the allow-list in docs/network.md of listeners that may bind beyond loopback
-(none for the embedded default)."""
+tests/test_monitoring.py (a run that ends on its own or on SIGTERM, and what it listens on)."""
 from __future__ import annotations
 
 import ipaddress
