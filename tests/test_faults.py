@@ -36,12 +36,17 @@ def _steps(out: Path) -> list[int]:
     return [r["step"] for r in _records(out)]
 
 
-def _wait_for_step(out: Path, step: int, run: threading.Thread | subprocess.Popen, timeout_s: float = 300) -> None:
+def _wait_for(out: Path, reached, what: str, run: threading.Thread | subprocess.Popen, timeout_s: float = 300) -> None:
+    """Until ``reached(metrics records)``; fails if the run ends or stalls first."""
     deadline = time.monotonic() + timeout_s
-    while max(_steps(out), default=0) < step:
+    while not reached(_records(out)):
         alive = run.is_alive() if isinstance(run, threading.Thread) else run.poll() is None
-        assert alive and time.monotonic() < deadline, f"the run ended or stalled before step {step}"
+        assert alive and time.monotonic() < deadline, f"the run ended or stalled before {what}"
         time.sleep(0.2)
+
+
+def _wait_for_step(out: Path, step: int, run: threading.Thread | subprocess.Popen) -> None:
+    _wait_for(out, lambda records: any(r["step"] >= step for r in records), f"step {step}", run)
 
 
 def _train_in_background(out: Path, overrides: list[str]):
@@ -77,14 +82,6 @@ def _finish(thread, result, timeout_s: float = 300) -> dict:
     return result["summary"]
 
 
-def _wait_for_learner_restarts(out: Path, restarts: int, thread: threading.Thread, timeout_s: float = 300) -> None:
-    """Until a step of the restarted learner is in the metrics (the restart's checkpoint then exists)."""
-    deadline = time.monotonic() + timeout_s
-    while not any(r["learner_restarts"] >= restarts for r in _records(out)):
-        assert thread.is_alive() and time.monotonic() < deadline, f"the run ended or stalled before restart {restarts}"
-        time.sleep(0.2)
-
-
 def test_a_run_survives_a_killed_rollout_worker_reward_replica_and_learner_worker(ray_cluster, tmp_path):
     """Four faults in one run (collective weight sync): a SIGKILLed rollout worker is restarted and given its loop
     back; it also broke the broadcast group, so the learner's next publish fails and Ray Train restarts the
@@ -99,7 +96,8 @@ def test_a_run_survives_a_killed_rollout_worker_reward_replica_and_learner_worke
     _wait_for_step(out, 2, thread)
     victim = ray.get_actor("faults-rollout-0")
     os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
-    _wait_for_learner_restarts(out, 1, thread)  # the broken broadcast group
+    # the broken broadcast group: until a step of the restarted learner is in the metrics
+    _wait_for(out, lambda records: any(r["learner_restarts"] >= 1 for r in records), "the learner's restart", thread)
     [learner] = _alive_pids("RayTrainWorker")
     os.kill(learner, signal.SIGKILL)
     [replica] = _alive_pids("ServeReplica:egrpo-faults-alignment:reward_alignment")
