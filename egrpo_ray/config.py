@@ -113,7 +113,7 @@ class SuffixConfig(Strict):
 class SamplingConfig(Strict):
     steps: Int = Field(16, ge=1, le=1000)
     shift: Float = Field(3.0, gt=0)
-    eta: Float = Field(0.7, ge=0, le=10)
+    eta: Float = Field(0.7, gt=0, le=10)  # 0 would make every step an ODE step: no log-probs to train on
     merge: MergeConfig = MergeConfig()
     suffix: SuffixConfig = SuffixConfig()
 
@@ -126,7 +126,9 @@ class AlgorithmConfig(Strict):
     adv_eps: Float = Field(1e-8, gt=0)
     kl_beta: Float = Field(0.0, ge=0)
     logprob_reduction: Literal["mean", "sum"] = "mean"
-    multi_reward: Literal["reward", "advantage"] = "reward"
+    # "reward": weight-sum the rewards, then normalise; "advantage": normalise each, weight-sum the advantages.
+    # None: the strategy's source (MixGRPO: advantage_aggr; the others: reward).
+    multi_reward: Optional[Literal["reward", "advantage"]] = None
     # Where the ratio's denominator comes from: "rollout", the sampler's stored log-probs; "recompute", a
     # no-grad recompute by the learner before the update (exactly 1 on-policy whatever the numerics);
     # "decoupled", the recompute anchors the clip and each row is weighted by the capped behaviour ratio
@@ -139,7 +141,7 @@ class AlgorithmConfig(Strict):
     adv_std_scope: Optional[Literal["group", "batch"]] = None  # batch: one std over the update (Flow-GRPO)
     adv_clip_order: Optional[Literal["each_reward", "after_sum"]] = None  # multi_reward "advantage" mode
     shared_noise: Optional[Bool] = None  # one initial noise per group (trajectory strategies)
-    dance_eta: Float = Field(0.3, ge=0)  # DanceGRPO's own constant-noise SDE
+    dance_eta: Float = Field(0.3, gt=0)  # DanceGRPO's own constant-noise SDE
     timestep_fraction: Float = Field(0.6, gt=0, le=1)  # DanceGRPO: share of steps trained
     window_size: Int = Field(4, ge=1)  # MixGRPO / Flow-GRPO-Fast SDE window
     window_shift_every: Int = Field(25, ge=1)  # MixGRPO: iterations before the window moves on
@@ -305,6 +307,10 @@ class ExperimentConfig(Strict):
                              "samples as on-policy; use 'decoupled' (or 'auto')")
         if self.learner.prompts_per_step % self.learner.workers:
             raise ValueError("learner.prompts_per_step must be a multiple of learner.workers")
+        share, batch = self.learner.prompts_per_step // self.learner.workers, self.rollout.prompts_per_batch
+        if share % batch:  # a rank takes whole batches: it would train on more prompts than asked
+            raise ValueError(f"each learner rank's share of learner.prompts_per_step ({share}) must be a multiple of "
+                             f"rollout.prompts_per_batch ({batch}): a rank takes whole batches")
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

@@ -78,10 +78,10 @@ def sample_and_score(
 
 def group_advantages(rewards: Mapping[str, torch.Tensor], group: torch.Tensor, cfg: ExperimentConfig,
                      strategy: Strategy) -> Advantages:
-    """The weighted rewards' advantages within each group. Std, clip order and std scope are the strategy's
-    source's defaults unless configured (docs/algorithm.md section 8)."""
+    """The weighted rewards' advantages within each group. Multi-reward mode, std, clip order and std scope are
+    the strategy's source's defaults unless configured (docs/algorithm.md section 8)."""
     alg = cfg.algorithm
-    return combine_rewards(rewards, {r.name: r.weight for r in cfg.rewards}, group, alg.multi_reward, alg.adv_eps,
+    return combine_rewards(rewards, {r.name: r.weight for r in cfg.rewards}, group, strategy.multi_reward, alg.adv_eps,
                            alg.adv_clip, strategy.adv_std, strategy.adv_clip_order, strategy.adv_std_scope)
 
 

@@ -35,7 +35,34 @@ def test_dancegrpo_trains_its_own_permutation_of_all_but_the_last_step_per_sampl
     assert _steps_per_sample(r) == expected
     assert all(len(s) == 9 for s in expected) and 15 not in r.step_index.tolist()
     assert len({tuple(s) for s in expected}) > 1  # the rows of different samples sit at different steps
-    assert r.forwards == _strategy("dancegrpo").forwards_per_prompt() * len(PROMPTS)  # SDE still on all 16
+    assert r.forwards == _strategy("dancegrpo").forwards_per_prompt() * len(PROMPTS)  # a forward on all 16
+
+
+@torch.no_grad()
+def test_dancegrpo_rollout_replays_its_sources_sde_and_decodes_the_last_x0_prediction(toy_policy):
+    """train_grpo_flux.py, written out: flux_step on the first T - 1 steps (mean x + ds v - eta^2/2 score ds,
+    score = -(x - (1 - s) x0) / s^2, std eta sqrt(-ds)), then ``latents = pred_original``, the last step's
+    x0 = x - s v, which is the image (no noise from the untrained last step)."""
+    seed, eta, n = 11, 0.3, len(PROMPTS) * G
+    r = _rollout(toy_policy, _strategy("dancegrpo", dance_eta=eta), seed=seed)
+    u = torch.linspace(1, 0, 17, dtype=torch.float64)
+    sigmas = (3.0 * u / (1 + 2.0 * u)).float()  # sd3_time_shift(3, linspace(1, 0, T + 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((len(PROMPTS), *toy_policy.latent_shape), generator=g).repeat_interleave(G, 0)  # --init_same_noise
+    for _ in range(n):
+        torch.randperm(15, generator=g)  # each sample's trained steps, drawn before sampling
+    cond = {k: v.repeat_interleave(G, 0) for k, v in toy_policy.encode_prompts(PROMPTS).items()}
+    for k in range(16):
+        s, ds = sigmas[k], sigmas[k + 1] - sigmas[k]
+        v = toy_policy(x, torch.full((n,), float(s)), cond)
+        x0 = x - s * v
+        if k == 15:
+            x = x0
+            break
+        score = -(x - x0 * (1 - s)) / s**2
+        mean = x + ds * v + (-0.5 * eta**2 * score) * ds
+        x = mean + eta * torch.sqrt(-ds) * torch.randn(x.shape, generator=g)
+    torch.testing.assert_close(r.final_latents, x, rtol=1e-5, atol=1e-5)
 
 
 def test_dancegrpo_and_mixgrpo_share_the_initial_noise_within_the_group(toy_policy):
@@ -97,6 +124,30 @@ def test_mixgrpo_rollout_keeps_the_last_two_steps_ode(toy_policy):
         assert set(r.step_index.tolist()) == set(strategy.sde_steps(it)) and max(r.step_index.tolist()) <= 5
 
 
+@torch.no_grad()
+def test_mixgrpo_steps_outside_the_window_are_plain_euler_and_the_image_is_the_last_latent(toy_policy):
+    """MixGRPO's sampler outside the window: prev_sample = latents + dt * v, and the image is the final z
+    (--drop_last_sample off). Replayed from the rollout's own window transitions."""
+    strategy = _strategy("mixgrpo", steps=8, window_size=3, window_shift_every=1)
+    r = _rollout(toy_policy, strategy, seed=2, iteration=2)
+    window = strategy.sde_steps(2)
+    assert window == [2, 3, 4]
+    u = torch.linspace(1, 0, 9, dtype=torch.float64)
+    sigmas = (3.0 * u / (1 + 2.0 * u)).float()
+    n = len(PROMPTS) * G
+    x = torch.randn((len(PROMPTS), *toy_policy.latent_shape), generator=torch.Generator().manual_seed(2)).repeat_interleave(G, 0)
+    cond = {k: v.repeat_interleave(G, 0) for k, v in toy_policy.encode_prompts(PROMPTS).items()}
+    for k in range(8):
+        if k in window:  # every sample trains each window step: take the SDE sample the rollout drew
+            rows = (r.step_index == k).nonzero().squeeze(1)
+            order = r.row_samples[rows, 0].argsort()
+            torch.testing.assert_close(r.start_latents[rows][order], x, rtol=1e-5, atol=1e-5)
+            x = r.next_latents[rows][order][:, 0]
+        else:
+            x = x + (sigmas[k + 1] - sigmas[k]) * toy_policy(x, torch.full((n,), float(sigmas[k])), cond)
+    torch.testing.assert_close(r.final_latents, x, rtol=1e-5, atol=1e-5)
+
+
 def _reward_groups():
     g = torch.Generator().manual_seed(0)
     return torch.rand(3 * G, generator=g, dtype=torch.float64), torch.arange(3).repeat_interleave(G)
@@ -149,15 +200,20 @@ def test_advantage_mode_clamps_after_the_weighted_sum():
     assert not torch.allclose(after, each)
 
 
-@pytest.mark.parametrize("name,std,scope,shared", [
-    ("egrpo", "unbiased", "group", True), ("g2rpo", "unbiased", "group", True), ("dancegrpo", "unbiased", "group", True),
-    ("mixgrpo", "unbiased", "group", True), ("flowgrpo", "population", "batch", False)])
-def test_each_strategy_resolves_its_sources_defaults_and_the_config_overrides_them(name, std, scope, shared):
+@pytest.mark.parametrize("name,std,scope,multi,shared", [
+    ("egrpo", "unbiased", "group", "reward", True), ("g2rpo", "unbiased", "group", "reward", True),
+    ("dancegrpo", "unbiased", "group", "reward", True), ("mixgrpo", "unbiased", "group", "advantage", True),
+    ("flowgrpo", "population", "batch", "reward", False)])
+def test_each_strategy_resolves_its_sources_defaults_and_the_config_overrides_them(name, std, scope, multi, shared):
+    # MixGRPO's --multi_reward_mix defaults to advantage_aggr; VisualGRPO's RewardManager and Flow-GRPO's
+    # multi-score reward weight-sum the scores first
     s = _strategy(name)
-    assert (s.adv_std, s.adv_std_scope, s.adv_clip_order, s.shared_noise) == (std, scope, "after_sum", shared)
+    assert (s.adv_std, s.adv_std_scope, s.adv_clip_order, s.multi_reward, s.shared_noise) == (
+        std, scope, "after_sum", multi, shared)
     o = _strategy(name, adv_std="population" if std == "unbiased" else "unbiased", adv_clip_order="each_reward",
-                  adv_std_scope="group" if scope == "batch" else "batch")
-    assert o.adv_std != std and o.adv_clip_order == "each_reward" and o.adv_std_scope != scope
+                  adv_std_scope="group" if scope == "batch" else "batch",
+                  multi_reward="reward" if multi == "advantage" else "advantage")
+    assert o.adv_std != std and o.adv_clip_order == "each_reward" and o.adv_std_scope != scope and o.multi_reward != multi
 
 
 def test_branching_cannot_drop_the_shared_anchor_noise():

@@ -227,7 +227,7 @@ def test_a_kl_run_trains_against_the_base_and_counts_its_forwards():
     from egrpo_ray.training import make_optimizer, make_reward_fn, reference_model
 
     def two_iterations(kl_beta):
-        cfg = load_config(cs.CONFIG, cs.COMMON + ["learner.prompts_per_step=1", "algorithm.group_size=4",
+        cfg = load_config(cs.CONFIG, cs.COMMON + ["learner.prompts_per_step=1", "rollout.prompts_per_batch=1", "algorithm.group_size=4",
                                                   f"algorithm.kl_beta={kl_beta}", "learner.lr=1e-4"])
         torch.manual_seed(0)
         policy = build_policy(cfg.model)

@@ -165,7 +165,8 @@ def test_sigint_checkpoints_the_current_step_then_resume_finishes(ray_cluster, t
     """Ctrl-C stops a 2-rank FSDP run after the current step's checkpoint (both ranks' shards); --resume continues
     on 1 DDP rank (the checkpoint resharded on load) with rollout workers started from the checkpoint's weights."""
     out = tmp_path / "sigint"
-    sets = SMALL[:-2] + [f"learner.iterations={STEPS}", "learner.checkpoint_every=4"]
+    # 1 prompt a batch: each of the 2 ranks takes whole batches of its 1-prompt share
+    sets = SMALL[:-2] + [f"learner.iterations={STEPS}", "learner.checkpoint_every=4", "rollout.prompts_per_batch=1"]
     cmd = _cli_train(ROOT / "configs" / "tiny.yaml", out, sets + ["learner.workers=2", "learner.parallelism=fsdp"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)

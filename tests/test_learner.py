@@ -114,15 +114,17 @@ def _settings(old_logprob="recompute", kl_beta=0.0, rows=3, epochs=1, minibatch=
 
 
 def _closed_form_kl(policy, ref, cond, r, kernel):
-    """beta-free KL per valid row, from the two models' step means: ||mean - mean_ref||^2 / (2 std^2),
-    averaged over the latent (kernel.reduction 'mean'), then over rows."""
+    """beta-free KL, Flow-GRPO's train_sd3.py written out: ((mean - mean_ref)^2).mean(latent) / (2 std_dev_t^2)
+    with std_dev_t = sqrt(s / (1 - s)) * eta (s_1 in place of s = 1), the SDE's noise level at the row's
+    start; averaged over rows."""
     i, l = r.step_index, r.step_len
     s, s_next = kernel.s(i), kernel.s(i + l)
     c = {k: v[r.row_prompt] for k, v in cond.items()}
     with torch.no_grad():
-        m, std = sde_mean_std(r.start_latents, policy(r.start_latents, s, c), s, s_next, kernel.noise_level(i), kernel.kind)
+        m, _ = sde_mean_std(r.start_latents, policy(r.start_latents, s, c), s, s_next, kernel.noise_level(i), kernel.kind)
         m_ref, _ = sde_mean_std(r.start_latents, ref(r.start_latents, s, c), s, s_next, kernel.noise_level(i), kernel.kind)
-    return float((((m - m_ref) ** 2).flatten(1).mean(1) / (2 * std**2)).mean())
+    std_dev_t = torch.sqrt(s / (1 - torch.where(s == 1, kernel.s(torch.ones_like(i)), s))) * kernel.eta
+    return float((((m - m_ref) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)).mean())
 
 
 def test_kl_reference_copy_is_zero_first_then_matches_the_closed_form(toy_policy):
@@ -135,7 +137,7 @@ def test_kl_reference_copy_is_zero_first_then_matches_the_closed_form(toy_policy
     plain = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2)
     with_kl = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2, kl_beta=beta, ref_fn=ref)
     assert with_kl.kl == 0.0 and torch.equal(with_kl.loss, plain.loss)
-    opt = torch.optim.SGD([p for p in toy_policy.parameters() if p.requires_grad], lr=0.05)
+    opt = torch.optim.SGD([p for p in toy_policy.parameters() if p.requires_grad], lr=0.5)
     grpo_update(toy_policy, cond, r, adv, strategy.kernel, _settings(kl_beta=beta), opt, torch.Generator().manual_seed(0),
                 ref_fn=ref)
     plain = grpo_loss(toy_policy, cond, r, adv, strategy.kernel, 0.2)
@@ -144,6 +146,22 @@ def test_kl_reference_copy_is_zero_first_then_matches_the_closed_form(toy_policy
     assert expected > 1e-6
     assert with_kl.kl == pytest.approx(expected, rel=1e-5)
     assert float((with_kl.loss - plain.loss).detach()) == pytest.approx(beta * expected, rel=1e-4)
+
+
+def test_kl_pulls_rows_of_groups_without_reward_spread(toy_policy):
+    """Flow-GRPO averages its KL over every sample: a group whose rewards tie has no policy term but still
+    its KL to the reference."""
+    strategy, cond, r, _ = _batch(toy_policy, "egrpo")
+    flat = group_advantages(torch.ones(len(r.final_latents)), r.sample_group)
+    ref = toy_policy.reference_copy()
+    with torch.no_grad():
+        toy_policy.net[2].bias.add_(0.1)
+    out = grpo_loss(toy_policy, cond, r, flat, strategy.kernel, 1e-4, kl_beta=0.5, ref_fn=ref)
+    out.loss.backward()
+    assert out.rows_used == 0
+    assert out.kl == pytest.approx(_closed_form_kl(toy_policy, ref, cond, r, strategy.kernel), rel=1e-5) and out.kl > 0
+    assert float(out.loss.detach()) == pytest.approx(0.5 * out.kl, rel=1e-5)
+    assert torch.count_nonzero(toy_policy.net[2].bias.grad) > 0
 
 
 def test_decoupled_on_policy_has_weight_one_and_equals_recompute(toy_policy):

@@ -65,8 +65,10 @@ def test_branching_groups_share_the_anchor_and_branches_differ(toy_policy):
     # the entry-0 anchor latent is the prompt's initial noise: recompute it from the same generator
     noise = torch.randn((len(PROMPTS), *toy_policy.latent_shape), generator=torch.Generator().manual_seed(0))
     assert torch.equal(r.start_latents[::entries], noise)
-    # with eta = 0 every branch of a group is the anchor's own deterministic continuation
-    det = _rollout(toy_policy, build_strategy(SamplingConfig(steps=8, eta=0.0, merge=MergeConfig(mode="none")), AlgorithmConfig(group_size=3)))
+    # with eta = 0 every branch of a group is the anchor's own deterministic continuation (a config refuses
+    # eta = 0, which leaves nothing to train; the sampler itself takes it)
+    zero_eta = SamplingConfig.model_construct(steps=8, eta=0.0, merge=MergeConfig(mode="none"))
+    det = _rollout(toy_policy, build_strategy(zero_eta, AlgorithmConfig(group_size=3)))
     cond = toy_policy.encode_prompts(PROMPTS)
     ode = sample_ode(toy_policy, cond, noise, _strategy("egrpo").kernel.sigmas)
     assert torch.allclose(det.final_latents.view(len(PROMPTS), -1, *toy_policy.latent_shape), ode[:, None].expand(-1, det.final_latents.shape[0] // len(PROMPTS), -1, -1), atol=1e-5)

@@ -60,7 +60,8 @@ def grpo_loss(
     """Per row: mean_k w_k max(-A_k r_k, -A_k clip(r_k, 1-eps, 1+eps)); averaged over rows whose group
     has reward spread. ``advantages`` are indexed by the batch's sample ids. ``old_log_probs`` [R, B]
     replaces the sampler's (the learner's recompute: the proximal policy); ``behaviour_weight`` [R, B]
-    is decoupled PPO's w_k (else 1); ``kl_beta`` > 0 adds Flow-GRPO's KL to the reference ``ref_fn``."""
+    is decoupled PPO's w_k (else 1); ``kl_beta`` > 0 adds Flow-GRPO's KL to the reference ``ref_fn``,
+    averaged over every row (as Flow-GRPO does): a group without reward spread still carries the KL's pull."""
     scores = score_rows(fn, cond, batch, kernel)
     old = batch.old_log_probs if old_log_probs is None else old_log_probs
     ratio = torch.exp(scores.log_probs - old)
@@ -79,9 +80,10 @@ def grpo_loss(
             raise ValueError("kl_beta > 0 needs a reference model")
         with torch.no_grad():
             ref = score_rows(ref_fn, cond, batch, kernel)
-        kl = kl_to_reference(scores, ref, kernel.reduction)
-        kl_value = float((kl * valid).sum().detach() / rows)
-        loss = loss + kl_beta * (kl * valid).sum() / rows
+        kl = kl_to_reference(scores, ref, kernel.s(batch.step_index) - kernel.s(batch.step_index + batch.step_len),
+                             kernel.reduction).mean()
+        kl_value = float(kl.detach())
+        loss = loss + kl_beta * kl
     with torch.no_grad():
         vmask = valid[:, None].expand_as(ratio).bool()
         ratio_mean = float(ratio[vmask].mean()) if vmask.any() else 1.0
@@ -89,8 +91,11 @@ def grpo_loss(
     return LossOutput(loss, ratio_mean, clip_frac, kl_value, int(valid.sum()), scores.log_probs.detach())
 
 
-def kl_to_reference(scores: RowScores, ref: RowScores, reduction: str = "mean") -> torch.Tensor:
-    """Per row KL(pi_theta || pi_ref) of the two Gaussian steps (same std): ||mean - mean_ref||^2 / (2 std^2),
-    reduced over the latent like the log-probs (Flow-GRPO's code takes the mean)."""
+def kl_to_reference(scores: RowScores, ref: RowScores, ds: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Per row, Flow-GRPO's KL term: ||mean - mean_ref||^2 / (2 sigma^2), reduced over the latent like the
+    log-probs (its code takes the mean). sigma is the SDE's noise level, the step's std over sqrt(ds)
+    (Flow-GRPO's ``std_dev_t``), so this is the exact KL of the two Gaussian steps times the step's length
+    ds = s_i - s_{i+l}: Flow-GRPO's beta values carry over."""
     sq = ((scores.mean - ref.mean) ** 2).flatten(1)
-    return (sq.mean(1) if reduction == "mean" else sq.sum(1)) / (2 * scores.std**2)
+    exact = (sq.mean(1) if reduction == "mean" else sq.sum(1)) / (2 * scores.std**2)
+    return exact * ds.to(exact.device, exact.dtype)

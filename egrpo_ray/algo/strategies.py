@@ -4,11 +4,12 @@ A strategy decides how a prompt's samples are drawn and which transitions carry 
 - egrpo:     entropy-merged branching from the ODE anchor; groups = (prompt, entry)
 - g2rpo:     the same with tau = 0 (single-step branching, no merging)
 - flowgrpo:  SDE (Flow-GRPO form) on every step; trajectory-level groups; trains all but the last step
-- dancegrpo: DanceGRPO's constant-noise SDE on every step; each sample trains its own random 60% of all
-             but the last step
+- dancegrpo: DanceGRPO's constant-noise SDE on every step but the last (its image is the x0 prediction there);
+             each sample trains its own random 60% of all but the last step
 - mixgrpo:   SDE inside a window of w steps that slides one step every ``window_shift_every`` iterations,
              never reaching the last two steps
-Each follows its source where the sources differ (section 8): advantage std, clip order, shared noise.
+Each follows its source where the sources differ (section 8): advantage std, clip order, multi-reward
+mode, shared noise.
 The learner is the same for all: rows of (start latent, step) with their branches (algo/loss.py).
 """
 from __future__ import annotations
@@ -29,9 +30,9 @@ if TYPE_CHECKING:  # the config sections are read by attribute: algo never impor
 
 class Strategy(ABC):
     """Also resolves the options where the sources differ (docs/algorithm.md section 8): the config's
-    value (algorithm.adv_std, adv_std_scope, adv_clip_order, shared_noise) or, when it is None, the strategy's
-    own source's default. training.learn passes ``adv_std``, ``adv_std_scope`` and ``adv_clip_order`` to the
-    advantages."""
+    value (algorithm.adv_std, adv_std_scope, adv_clip_order, multi_reward, shared_noise) or, when it is None,
+    the strategy's own source's default. training.group_advantages passes ``adv_std``, ``adv_std_scope``,
+    ``adv_clip_order`` and ``multi_reward`` to the advantages."""
 
     name: str
     # E-GRPO's defaults, from its authors' code (VisualGRPO, built on DanceGRPO/G2RPO): group_rewards.std()
@@ -39,6 +40,7 @@ class Strategy(ABC):
     source_adv_std = "unbiased"
     source_adv_std_scope = "group"
     source_adv_clip_order = "after_sum"
+    source_multi_reward = "reward"  # its RewardManager weight-sums the scores
     source_shared_noise = True
     noise_sharing_optional = False  # branching: the group branches off ONE anchor, so it shares the noise
 
@@ -49,6 +51,7 @@ class Strategy(ABC):
         self.adv_std = _resolved(algorithm, "adv_std", self.source_adv_std)
         self.adv_std_scope = _resolved(algorithm, "adv_std_scope", self.source_adv_std_scope)
         self.adv_clip_order = _resolved(algorithm, "adv_clip_order", self.source_adv_clip_order)
+        self.multi_reward = _resolved(algorithm, "multi_reward", self.source_multi_reward)
         self.shared_noise = bool(_resolved(algorithm, "shared_noise", self.source_shared_noise))
         if not self.shared_noise and not self.noise_sharing_optional:
             raise ValueError(f"algorithm.shared_noise=false does not apply to {algorithm.strategy}: its group branches "
@@ -152,14 +155,19 @@ class FlowGRPO(TrajectoryStrategy):
 
 class DanceGRPO(TrajectoryStrategy):
     """DanceGRPO (train_grpo_flux.py with its shipped script: --init_same_noise, --timestep_fraction 0.6):
-    its own constant-noise SDE on every step; the last step is never trained; each sample trains
-    int((T - 1) x timestep_fraction) of the other steps, drawn by its own random permutation."""
+    its own constant-noise SDE on every step but the last; the last step is never trained; each sample trains
+    int((T - 1) x timestep_fraction) of the other steps, drawn by its own random permutation. Its image is
+    the last step's x0 prediction (``latents = pred_original``), x - s_{T-1} v: exactly an ODE (Euler) last
+    step, so the image carries no noise from a step that is never trained."""
 
     name = "dancegrpo"
 
     def __init__(self, sampling: SamplingConfig, algorithm: AlgorithmConfig):
         super().__init__(sampling, algorithm)
         self.kernel = StepKernel(self.kernel.sigmas, algorithm.dance_eta, "dance", algorithm.logprob_reduction)
+
+    def sde_steps(self, iteration: int) -> list[int]:
+        return list(range(max(1, self.sampling.steps - 1)))  # T = 1: the only step is the trained one
 
     def train_steps(self, iteration: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         steps = self.sampling.steps
@@ -179,6 +187,7 @@ class MixGRPO(TrajectoryStrategy):
     for one round, an empty window that trains nothing; we roll back one round earlier.)"""
 
     name = "mixgrpo"
+    source_multi_reward = "advantage"  # --multi_reward_mix advantage_aggr (its default and shipped script)
 
     def __init__(self, sampling: SamplingConfig, algorithm: AlgorithmConfig):
         super().__init__(sampling, algorithm)
