@@ -9,11 +9,14 @@
 - ``meta.json``: step, policy version, ranks and the data cursor.
 - ``rng/rank_<r>.safetensors``: each rank's torch RNG states (a resume restores each rank's own).
 Each checkpoint is written under a temporary name and renamed when complete, so a crash never leaves
-a half-written ``step_<N>``. Nothing here unpickles: DCP reads tensors, the exports are safetensors.
+a half-written ``step_<N>``. Loading never runs code from the checkpoint: DCP's ``.metadata`` pickle is read by
+an unpickler that knows only DCP's own metadata classes, its non-tensor entries (the optimizer's step counts
+and param groups) with ``torch.load(weights_only=True)``, and the exports are safetensors.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -49,6 +52,53 @@ def _state_options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+# Every global a DCP .metadata pickle of this project's checkpoints refers to (torch 2.14), plus torch's dtypes.
+_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+        "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which DCP's metadata never holds")
+
+
+def _safe_dcp_load(state: dict[str, Any], path: Path) -> None:
+    """``dcp.load`` that runs no code from the files (see the module docstring)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as err:
+                    raise ConfigError(f"{path}: refusing to load this checkpoint's metadata: {err}") from None
+            metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    reader = Reader(str(path))
+    reader.read_metadata()  # a refusal surfaces here as one line; inside dcp.load it is wrapped in DCP's own error
+    dcp.load(state, storage_reader=reader, planner=Planner())
+
+
 def _training_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -70,6 +120,7 @@ def save_checkpoint(root: str | Path, step: int, policy: nn.Module, optimizer: t
     dcp.save(_training_state(policy, optimizer), checkpoint_id=str(tmp / STATE_DIR))
     save_rng_state(tmp)
     export_weights(policy, tmp, lora, export_dtype)
+    _barrier()  # every rank's files are in tmp before it is renamed
     if _rank() == 0:
         (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -80,12 +131,11 @@ def save_checkpoint(root: str | Path, step: int, policy: nn.Module, optimizer: t
 
 def load_training_state(checkpoint: str | Path, policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load weights and optimizer state into an already wrapped/sharded policy; returns meta.json."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     checkpoint = Path(checkpoint)
     state = _training_state(policy, optimizer)
-    dcp.load(state, checkpoint_id=str(checkpoint / STATE_DIR))
+    _safe_dcp_load(state, checkpoint / STATE_DIR)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_state_options())
     load_rng_state(checkpoint)

@@ -152,6 +152,17 @@ def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_pa
                            "(1 failed replica start; OSError: "), last
 
 
+def test_a_run_its_cluster_cannot_hold_ends_in_one_line(tmp_path):
+    """The driver's check against the cluster it started (here its own, embedded) refuses before Serve starts:
+    one line and exit 2, with nothing of Serve to clean up in the way."""
+    cmd = [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--output-dir", str(tmp_path / "out"), "--no-progress", "--set", "rollout.resources={nosuch: 1}"]
+    done = subprocess.run(cmd, check=False, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                          cwd=ROOT, timeout=180)
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("egrpo-ray: error: ") and "nosuch" in done.stderr
+
+
 def test_rollout_workers_that_do_not_start_in_time_end_the_run_in_one_line(ray_cluster, tmp_path):
     """cluster.startup_timeout_s runs out while the rollout workers load (collective weight sync: the learner's
     group would wait for them): the workers are stopped, the learner ends, and the run ends in one line."""

@@ -160,6 +160,34 @@ def test_sharded_checkpoint_from_two_ranks_resumes_on_one(two_rank, tmp_path):
             dist.destroy_process_group()
 
 
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_metadata_would_run_code_is_refused(two_rank, tmp_path):
+    """DCP pickles its .metadata; loading reads it with an unpickler that knows only DCP's classes."""
+    import pickle
+    import shutil
+
+    from egrpo_ray.config import ConfigError
+
+    lora, out, _ = two_rank
+    ckpt = tmp_path / "step_000001"
+    shutil.copytree(latest_checkpoint(out), ckpt)
+    marker = tmp_path / "ran"
+    (ckpt / "state" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    policy = build_policy(_model_cfg(lora))
+    with pytest.raises(ConfigError, match=r"refusing to load this checkpoint's metadata: it refers to posix\.system"):
+        load_training_state(ckpt, policy, _optimizer(policy))
+    assert not marker.exists()
+
+
 def test_exports_load_with_diffusers(two_rank):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 

@@ -198,6 +198,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     started = init_ray(cfg, temp_dir)
     signals = StopSignals()  # after ray.init: ours replace Ray's
     t0 = time.perf_counter()
+    rewards_deployed = False  # a run refused before Serve starts has no applications to delete
     try:
         validate_on_cluster(cfg)
         done_batches = meta.get("prompt_batches_by_worker", {})
@@ -211,6 +212,7 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
                 cfg.model_dump(), i, int(done_batches.get(str(i), 0)), base_is_current=checkpoint is None)
             for i in range(cfg.rollout.workers)
         ]
+        rewards_deployed = True
         deploy_rewards(cfg, wait=False)  # Serve starts the replicas while Train starts the learner
         scaling, torch_config = _learner_scaling(cfg)
         trainer = TorchTrainer(
@@ -274,7 +276,8 @@ def train(cfg: ExperimentConfig, output_dir: str | None = None, resume: bool = F
     finally:
         signals.restore()
         try:
-            delete_rewards(cfg)  # only this run's applications: the cluster may be shared
+            if rewards_deployed:
+                delete_rewards(cfg)  # only this run's applications: the cluster may be shared
         finally:
             shutdown_ray(started)
 

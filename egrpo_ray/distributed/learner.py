@@ -218,8 +218,9 @@ class Learner:
         if checkpoint:
             meta = load_training_state(checkpoint, self.policy, self.optimizer)
             self.step, self.version = int(meta["step"]), int(meta["policy_version"])
-        if attempt > 0:
-            used = ray.get(self.queue.stats.remote())["learner_version"] if self.rank == 0 else 0
+        if attempt > 0:  # the store may hold a version the queue never heard of (the group died between the two)
+            used = max(ray.get(self.queue.stats.remote())["learner_version"],
+                       ray.get(self.store.latest_version.remote())) if self.rank == 0 else 0
             self.version = int(_collective(float(max(self.version, used) + 1), "max"))
             if self.rank == 0:
                 ray.get(self.queue.restart_from.remote(self.version))

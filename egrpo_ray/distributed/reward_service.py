@@ -372,12 +372,14 @@ def run_serve(args) -> int:
     import time
 
     from egrpo_ray.config import load_config
-    from egrpo_ray.distributed.cluster import init_ray, validate_on_cluster
+    from egrpo_ray.distributed.cluster import init_ray, shutdown_ray, validate_on_cluster
 
     cfg = load_config(args.config, args.overrides + ["cluster.http_enabled=true"])
     started = init_ray(cfg)
+    deployed = False
     try:
         validate_on_cluster(cfg)
+        deployed = True
         deploy_rewards(cfg)
         c = cfg.cluster
         for r in cfg.rewards:
@@ -389,8 +391,8 @@ def run_serve(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
-        if started:
-            import ray
-
-            ray.shutdown()
+        try:
+            if deployed:
+                delete_rewards(cfg)  # ours only: other runs on a shared cluster keep theirs
+        finally:
+            shutdown_ray(started)
