@@ -143,7 +143,7 @@ class AlgorithmConfig(Strict):
     shared_noise: Optional[Bool] = None  # one initial noise per group (trajectory strategies)
     dance_eta: Float = Field(0.3, gt=0)  # DanceGRPO's own constant-noise SDE
     timestep_fraction: Float = Field(0.6, gt=0, le=1)  # DanceGRPO: share of steps trained
-    window_size: Int = Field(4, ge=1)  # MixGRPO / Flow-GRPO-Fast SDE window
+    window_size: Int = Field(4, ge=1)  # MixGRPO's SDE window
     window_shift_every: Int = Field(25, ge=1)  # MixGRPO: iterations before the window moves on
 
 
@@ -257,7 +257,8 @@ class ClusterConfig(Strict):
     max_image_bytes: Int = Field(8 << 20, ge=1)
     max_images_per_request: Int = Field(64, ge=1)
     max_image_pixels: Int = Field(2048 * 2048, ge=1)  # reward HTTP: larger images are refused (400)
-    reward_timeout_s: Float = Field(120.0, gt=0)  # reward HTTP: a request that takes longer answers 503
+    # a reward call (HTTP, or a worker's through its handle) that takes longer: 503, or a retried TimeoutError
+    reward_timeout_s: Float = Field(120.0, gt=0)
     max_requests_in_flight: Int = Field(32, ge=1)  # reward HTTP: more concurrent requests answer 503
 
 

@@ -260,12 +260,12 @@ def test_reward_calls_are_retried_with_one_line_each():
 
     def flaky(images, prompts):
         calls.append(1)
-        if len(calls) < 3:
-            raise ray.exceptions.RayError("replica died")
+        if len(calls) < 3:  # a dead replica, then one that does not answer in cluster.reward_timeout_s
+            raise ray.exceptions.RayError("replica died") if len(calls) == 1 else TimeoutError("no answer")
         return {"alignment": 1.0}
 
     assert retrying(flaky, 3, lines.append, "worker 0")(None, []) == {"alignment": 1.0}
-    assert len(calls) == 3 and len(lines) == 2 and "retry 1/3" in lines[0]
+    assert len(calls) == 3 and len(lines) == 2 and "retry 1/3" in lines[0] and "(TimeoutError); retry 2/3" in lines[1]
 
     def down(images, prompts):
         raise ray.exceptions.RayError("no replica")

@@ -159,7 +159,8 @@ class Learner:
         self.reward_fn = None
         if self.rank == 0 and not self.abandoned:
             report = lambda msg: self.log.failure.remote("reward_retries", msg)
-            self.reward_fn = retrying(remote_reward_fn(reward_handles(cfg)), cfg.rollout.reward_retries, report, "learner")
+            self.reward_fn = retrying(remote_reward_fn(reward_handles(cfg), cfg.cluster.reward_timeout_s),
+                                      cfg.rollout.reward_retries, report, "learner")
         self.share = cfg.learner.prompts_per_step // self.world
         self.pending: list = []
         self.t_last = time.perf_counter()

@@ -357,13 +357,15 @@ def reward_handles(cfg: ExperimentConfig) -> dict[str, object]:
     return {r.name: serve.get_app_handle(app_name(cfg, r.name)) for r in cfg.rewards}
 
 
-def remote_reward_fn(handles: dict[str, object]):
-    """A RewardFn (training.py) that scores through the Serve handles, all rewards in parallel."""
+def remote_reward_fn(handles: dict[str, object], timeout_s: float | None = None):
+    """A RewardFn (training.py) that scores through the Serve handles, all rewards in parallel. A call not
+    answered within ``timeout_s`` raises TimeoutError (a hung replica must not stall the caller forever)."""
 
     def score(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         arr = to_uint8(images).cpu().numpy()
         pending = {name: h.score.remote(arr, list(prompts)) for name, h in handles.items()}
-        return {name: torch.tensor(np.asarray(resp.result(), dtype=np.float32)) for name, resp in pending.items()}
+        return {name: torch.tensor(np.asarray(resp.result(timeout_s=timeout_s), dtype=np.float32))
+                for name, resp in pending.items()}
 
     return score
 

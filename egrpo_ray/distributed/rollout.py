@@ -46,7 +46,7 @@ def retrying(reward_fn, retries: int, report: Callable[[str], None], who: str):
         for attempt in range(retries + 1):
             try:
                 return reward_fn(images, prompts)
-            except (ray.exceptions.RayError, RayServeException) as err:
+            except (ray.exceptions.RayError, RayServeException, TimeoutError) as err:
                 if attempt == retries:
                     raise
                 report(f"{who}: reward call failed ({type(err).__name__}); retry {attempt + 1}/{retries}")
@@ -171,7 +171,8 @@ class RolloutWorker:
 
     def run(self) -> dict:
         """Produce scored groups until the queue closes."""
-        reward_fn = retrying(remote_reward_fn(reward_handles(self.cfg)), self.cfg.rollout.reward_retries, self._report,
+        reward_fn = retrying(remote_reward_fn(reward_handles(self.cfg), self.cfg.cluster.reward_timeout_s),
+                             self.cfg.rollout.reward_retries, self._report,
                              f"rollout worker {self.index}")
         if self.runs:  # the loop failed and is given back: the batch it was on is redone
             self._position(ray.get(self.queue.produced.remote(self.index)))
