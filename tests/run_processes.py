@@ -17,8 +17,9 @@ from egrpo_ray.distributed.cluster import watchdog_temp_dir
 # Mirrors the table "Listening beyond loopback" in docs/network.md: process name prefix -> (most such
 # listeners one process may hold, why). Nothing else of the run may listen on a non-loopback address.
 ALLOWED_NON_LOOPBACK: dict[str, tuple[int, str]] = {
-    "ray::RayTrainWorker": (2, ("torch TCPStore of learner rank 0: the Train process group's rendezvous, and with "
-                               "rollout.weight_sync=collective the weight-sync group's; torch binds [::], no auth")),
+    "ray::RayTrainWorker": (1, ("torch TCPStore of learner rank 0: the Train process group's rendezvous (Ray Train "
+                               "creates it; torch binds [::], no auth). The weight-sync group's binds the node's "
+                               "address only")),
     "ray::ServeReplica": (1, "Serve's inter-deployment gRPC server, hard-coded [::]:0 in Ray 2.60; Ray token auth"),
     "ray::SERVE_REPLICA::": (1, "the same Serve replica process, named after its replica id while it starts"),
 }

@@ -71,6 +71,18 @@ def _pair_of_groups(world: int = 2) -> list[SyncGroup]:
     return groups
 
 
+def test_the_store_listens_on_the_given_address_only():
+    import os
+
+    import psutil
+
+    store = open_store("127.0.0.1", 0, 0, 1, timeout_s=30)
+    store.set("k", "v")
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(os.getpid()).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == store.port}
+    assert listening == {("127.0.0.1", store.port)} and store.get("k") == b"v"
+
+
 def test_round_trip_is_exact_and_stays_in_staging_until_applied():
     sender_group, receiver_group = _pair_of_groups()
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ nccl (device tensors, one GPU per rank) on GPU, gloo on CPU.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,9 +90,17 @@ def bucket_layout(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[Bucket
 
 # -- the process group -----------------------------------------------------------------------------
 def open_store(host: str, port: int, rank: int, world: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> TCPStore:
-    """The group's rendezvous. Rank 0 hosts it (port 0: any free port, read back from ``.port``)."""
-    return TCPStore(host, port, world_size=world, is_master=rank == 0, wait_for_workers=False,
-                    timeout=timedelta(seconds=timeout_s))
+    """The group's rendezvous. Rank 0 hosts it on ``host``'s address only (port 0: any free port, read back
+    from ``.port``): given no socket, torch's store server would listen on every interface."""
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return TCPStore(host, port, world_size=world, is_master=False, wait_for_workers=False, timeout=timeout)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, port))
+        sock.listen()
+        port, fd = sock.getsockname()[1], sock.detach()  # the store owns the listening socket from here
+    return TCPStore(host, port, world_size=world, is_master=True, wait_for_workers=False, timeout=timeout,
+                    master_listen_fd=fd)
 
 
 class SyncGroup:
