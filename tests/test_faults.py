@@ -116,11 +116,12 @@ def test_a_run_survives_a_killed_rollout_worker_reward_replica_and_learner_worke
     assert kept[-1] == f"step_{STEPS:06d}" and len(kept) <= 3  # the last 2 and the best
 
 
-def _cli_train(config: Path, out: Path, sets: list[str]) -> list[str]:
-    """``egrpo-ray train`` joined to the session cluster (no second cluster start)."""
+def _cli_train(config: Path, out: Path, sets: list[str], session_cluster: bool = True) -> list[str]:
+    """``egrpo-ray train`` joined to the session cluster (no second cluster start), or on its own embedded one."""
     import ray
 
-    sets = sets + [f"cluster.address={ray.get_runtime_context().gcs_address}"]
+    if session_cluster:
+        sets = sets + [f"cluster.address={ray.get_runtime_context().gcs_address}"]
     return [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(config), "--output-dir", str(out),
             "--no-progress", *[a for s in sets for a in ("--set", s)]]
 
@@ -155,8 +156,8 @@ def test_a_reward_that_cannot_start_ends_the_run_in_one_line(ray_cluster, tmp_pa
 def test_a_run_its_cluster_cannot_hold_ends_in_one_line(tmp_path):
     """The driver's check against the cluster it started (here its own, embedded) refuses before Serve starts:
     one line and exit 2, with nothing of Serve to clean up in the way."""
-    cmd = [sys.executable, "-m", "egrpo_ray.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--output-dir", str(tmp_path / "out"), "--no-progress", "--set", "rollout.resources={nosuch: 1}"]
+    cmd = _cli_train(ROOT / "configs" / "tiny.yaml", tmp_path / "out", ["rollout.resources={nosuch: 1}"],
+                     session_cluster=False)
     done = subprocess.run(cmd, check=False, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
                           cwd=ROOT, timeout=180)
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
